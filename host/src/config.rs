@@ -1,0 +1,167 @@
+//! Command-line flags. Names and defaults follow vllm-project/router where the feature is
+//! the same, so switching routers means changing one binary.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+/// vllm-router: an OpenAI-compatible router for vLLM workers whose load-balancing
+/// policies are WebAssembly components (built-in or loaded from a file, hot-swappable).
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vllm-router", version, about, long_about = None, max_term_width = 100)]
+pub struct Args {
+    /// Address to listen on for client traffic.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on for client traffic.
+    #[arg(long, default_value_t = 30000)]
+    pub port: u16,
+
+    /// vLLM worker base URLs (space-separated after one flag, e.g.
+    /// `--worker-urls http://10.0.0.1:8000 http://10.0.0.2:8000`).
+    #[arg(long, num_args = 1.., value_name = "URL")]
+    pub worker_urls: Vec<String>,
+
+    /// Built-in load-balancing policy, embedded in the binary as a WebAssembly component:
+    /// round_robin, random.
+    #[arg(long, default_value = "round_robin", value_name = "NAME")]
+    pub policy: String,
+
+    /// Load the policy from a WebAssembly component file instead of `--policy`
+    /// (any component built against wit/policy.wit, world `policy`).
+    #[arg(long, value_name = "PATH")]
+    pub policy_wasm: Option<PathBuf>,
+
+    /// JSON config passed to the policy's `init` (an object). Built-in policies also
+    /// receive their tunables from the flags below.
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub policy_config: String,
+
+    /// Per-call time limit of a policy, in milliseconds. A call that runs longer is
+    /// interrupted and the request is routed by the fallback (least in-flight).
+    #[arg(long, default_value_t = 5)]
+    pub policy_timeout_ms: u64,
+
+    /// Linear-memory limit of a policy instance, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub policy_max_memory_mb: u64,
+
+    /// Write an embedded policy component to a file and exit, e.g.
+    /// `--export-policy round_robin=./round_robin.wasm`.
+    #[arg(long, value_name = "NAME=PATH")]
+    pub export_policy: Option<String>,
+
+    /// Headers to take the client's request id from, first present wins; otherwise the
+    /// router generates one. The id is sent upstream and echoed as `x-request-id`.
+    #[arg(long, num_args = 1.., value_name = "HEADER",
+          default_values_t = ["x-request-id".to_string(), "x-correlation-id".to_string(),
+                              "x-trace-id".to_string(), "request-id".to_string()])]
+    pub request_id_headers: Vec<String>,
+
+    /// Largest accepted request body, in bytes; larger bodies get 413.
+    #[arg(long, default_value_t = 512 * 1024 * 1024)]
+    pub max_payload_size: usize,
+
+    /// Upper bound on a whole upstream exchange, streamed body included, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub request_timeout_secs: u64,
+
+    /// Total attempts per request, first try included (retries go to another worker).
+    #[arg(long, default_value_t = 5)]
+    pub retry_max_retries: u32,
+
+    /// Backoff before the first retry, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    pub retry_initial_backoff_ms: u64,
+
+    /// Upper bound on one backoff, in milliseconds.
+    #[arg(long, default_value_t = 30000)]
+    pub retry_max_backoff_ms: u64,
+
+    /// Growth factor of the backoff between retries.
+    #[arg(long, default_value_t = 1.5)]
+    pub retry_backoff_multiplier: f64,
+
+    /// Random jitter applied to each backoff, as a fraction (0.2 = ±20 %).
+    #[arg(long, default_value_t = 0.2)]
+    pub retry_jitter_factor: f64,
+
+    /// Send every request once, never retry.
+    #[arg(long)]
+    pub disable_retries: bool,
+
+    /// Seconds between active `GET /health` probes of healthy workers (all in parallel).
+    /// Unhealthy workers are probed every second so they come back quickly.
+    #[arg(long, default_value_t = 60)]
+    pub health_check_interval_secs: u64,
+
+    /// Timeout of one health probe, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub health_check_timeout_secs: u64,
+
+    /// Consecutive failed probes that mark a worker unhealthy.
+    #[arg(long, default_value_t = 3)]
+    pub health_failure_threshold: u32,
+
+    /// Consecutive successful probes that mark an unhealthy worker healthy again.
+    #[arg(long, default_value_t = 2)]
+    pub health_success_threshold: u32,
+
+    /// Path probed on each worker.
+    #[arg(long, default_value = "/health")]
+    pub health_check_endpoint: String,
+
+    /// Log level: trace, debug, info, warn, error (or a tracing filter directive).
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+
+    /// Address of the Prometheus metrics listener.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub prometheus_host: String,
+
+    /// Port of the Prometheus metrics listener (0 disables it).
+    #[arg(long, default_value_t = 29000)]
+    pub prometheus_port: u16,
+}
+
+impl Args {
+    /// Check cross-flag constraints; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.worker_urls.is_empty() && self.export_policy.is_none() {
+            return Err("no workers: give at least one --worker-urls URL".into());
+        }
+        for u in &self.worker_urls {
+            let uri: http::Uri =
+                u.parse().map_err(|e| format!("--worker-urls: '{u}' is not a URL: {e}"))?;
+            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                return Err(format!("--worker-urls: '{u}' must look like http://host:port"));
+            }
+        }
+        if self.retry_max_retries == 0 {
+            return Err("--retry-max-retries must be at least 1 (it counts the first try)".into());
+        }
+        if self.retry_backoff_multiplier < 1.0 {
+            return Err("--retry-backoff-multiplier must be >= 1.0".into());
+        }
+        if !(0.0..=1.0).contains(&self.retry_jitter_factor) {
+            return Err("--retry-jitter-factor must be within [0, 1]".into());
+        }
+        if self.retry_max_backoff_ms < self.retry_initial_backoff_ms {
+            return Err("--retry-max-backoff-ms must be >= --retry-initial-backoff-ms".into());
+        }
+        if self.health_failure_threshold == 0 || self.health_success_threshold == 0 {
+            return Err("--health-*-threshold must be at least 1".into());
+        }
+        if self.policy_timeout_ms == 0 {
+            return Err("--policy-timeout-ms must be at least 1".into());
+        }
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&self.policy_config)
+            .map_err(|e| format!("--policy-config must be a JSON object: {e}"))?;
+        Ok(())
+    }
+
+    /// Attempts per request after `--disable-retries`.
+    pub fn attempts(&self) -> u32 {
+        if self.disable_retries { 1 } else { self.retry_max_retries }
+    }
+}

@@ -1,0 +1,89 @@
+//! Active health checks: `GET {worker}{--health-check-endpoint}` on every worker in
+//! parallel. Healthy workers are probed every `--health-check-interval-secs`; unhealthy
+//! ones every second, so a recovered worker is back within about
+//! `--health-success-threshold` seconds.
+
+use crate::metrics::Metrics;
+use crate::workers::{Registry, Worker};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Health-check settings.
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    /// Interval between probes of a healthy worker.
+    pub interval: Duration,
+    /// Probe timeout.
+    pub timeout: Duration,
+    /// Consecutive failures that mark a worker unhealthy.
+    pub failure_threshold: u32,
+    /// Consecutive successes that mark it healthy again.
+    pub success_threshold: u32,
+    /// Path to probe, e.g. `/health`.
+    pub endpoint: String,
+}
+
+type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
+
+async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
+    let uri = format!("{}{}", w.url, cfg.endpoint);
+    let Ok(uri) = uri.parse::<http::Uri>() else { return false };
+    matches!(tokio::time::timeout(cfg.timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
+}
+
+/// Run the checker until the task is dropped.
+pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metrics>) {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(cfg.timeout));
+    http.set_nodelay(true);
+    let client: ProbeClient = Client::builder(TokioExecutor::new()).build(http);
+    let mut last_full = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let full = last_full.elapsed() >= cfg.interval;
+        if full {
+            last_full = Instant::now();
+        }
+        let set = registry.snapshot();
+        let due: Vec<Arc<Worker>> = set.workers.iter().filter(|w| full || !w.is_healthy()).cloned().collect();
+        if due.is_empty() {
+            continue;
+        }
+        let results = futures_util::future::join_all(due.iter().map(|w| probe(&client, w, &cfg))).await;
+        for (w, ok) in due.iter().zip(results) {
+            if ok {
+                if w.record_success(cfg.success_threshold) {
+                    tracing::info!(worker = %w.name(), "worker healthy again");
+                }
+            } else {
+                metrics.upstream_errors.with_label_values(&[&w.url, "health_check"]).inc();
+                if w.record_failure(false, cfg.failure_threshold) {
+                    tracing::warn!(worker = %w.name(), "worker marked unhealthy: {} failed health checks", cfg.failure_threshold);
+                }
+            }
+        }
+    }
+}
+
+/// Probe every worker once, in parallel, and mark those that do not answer unhealthy
+/// (the checker brings them in when they do). Returns how many answered.
+pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(cfg.timeout));
+    let client: ProbeClient = Client::builder(TokioExecutor::new()).build(http);
+    let set = registry.snapshot();
+    let results = futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;
+    for (w, ok) in set.workers.iter().zip(&results) {
+        if !ok {
+            w.record_failure(true, 1);
+            tracing::warn!(worker = %w.name(), "worker not answering {} at startup; no traffic until it does", cfg.endpoint);
+        }
+    }
+    results.iter().filter(|ok| **ok).count()
+}

@@ -1,0 +1,23 @@
+//! # vllm-router
+//!
+//! An OpenAI-compatible HTTP router in front of vLLM workers. The host (this crate) does
+//! HTTP/SSE forwarding, health checks, retries and metrics; the load-balancing decision
+//! is made by a WebAssembly component implementing `wit/policy.wit`.
+//!
+//! Modules, one concern each: [`config`] (flags), [`server`] (routes, errors),
+//! [`proxy`] (forwarding core: retries, streaming, request ids), [`workers`] (registry,
+//! health state, in-flight), [`health`] (active probes), [`policy`] (wasmtime engine,
+//! built-ins, slots, fallback), [`metrics`].
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod request;
+pub mod server;
+pub mod util;
+pub mod workers;

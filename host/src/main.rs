@@ -1,0 +1,141 @@
+//! `vllm-router` binary: parse flags, load the policy, start health checks, metrics and
+//! the HTTP server; shut down gracefully on SIGINT/SIGTERM.
+
+use axum::serve::ListenerExt;
+use clap::Parser;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vllm_router::config::Args;
+use vllm_router::health::{self, HealthConfig};
+use vllm_router::metrics::Metrics;
+use vllm_router::policy::{self, PolicyEngine, PolicySlot, builtin};
+use vllm_router::proxy::{Proxy, RetryConfig, upstream_client};
+use vllm_router::server::{AppState, app};
+use vllm_router::workers::Registry;
+use vllm_router_sdk::Role;
+
+fn export_policy(spec: &str) -> anyhow::Result<()> {
+    let (name, path) = spec
+        .split_once('=')
+        .ok_or_else(|| anyhow::anyhow!("--export-policy takes NAME=PATH, e.g. round_robin=./round_robin.wasm"))?;
+    let b = builtin::find(name).ok_or_else(|| anyhow::anyhow!("unknown policy '{name}'; built-in policies: {}", builtin::names()))?;
+    std::fs::write(path, b.wasm)?;
+    println!("wrote {} ({} bytes) to {path}", b.name, b.wasm.len());
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutdown signal received: no new connections; finishing in-flight requests");
+}
+
+fn main() -> anyhow::Result<()> {
+    vllm_router::util::mark_start();
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .map_err(|e| anyhow::anyhow!("--log-level '{}': {e}", args.log_level))?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    if let Some(spec) = &args.export_policy {
+        return export_policy(spec);
+    }
+    if let Err(e) = args.validate() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let engine = PolicyEngine::new(args.policy_timeout_ms, args.policy_max_memory_mb)?;
+    let version = policy::load_initial(&engine, &args.policy, args.policy_wasm.as_deref(), &args.policy_config)?;
+    tracing::info!(policy = %version.label, source = %version.source, "policy loaded in {:?}", t0.elapsed());
+
+    let registry = Arc::new(Registry::default());
+    for url in &args.worker_urls {
+        registry.add(url, Role::Regular, 1).map_err(anyhow::Error::msg)?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let hcfg = HealthConfig {
+        interval: Duration::from_secs(args.health_check_interval_secs.max(1)),
+        timeout: Duration::from_secs(args.health_check_timeout_secs.max(1)),
+        failure_threshold: args.health_failure_threshold,
+        success_threshold: args.health_success_threshold,
+        endpoint: args.health_check_endpoint.clone(),
+    };
+    // One parallel probe round: workers that do not answer start unhealthy and the
+    // health checker brings them in when they do. Serving starts at once either way.
+    health::startup_probe(&registry, &hcfg).await;
+    tokio::spawn(health::run(registry.clone(), hcfg, metrics.clone()));
+
+    let slot = Arc::new(PolicySlot::new("default", version));
+    let proxy = Arc::new(Proxy {
+        registry: registry.clone(),
+        slot,
+        metrics: metrics.clone(),
+        client: upstream_client(),
+        retry: RetryConfig {
+            attempts: args.attempts(),
+            initial_backoff_ms: args.retry_initial_backoff_ms,
+            max_backoff_ms: args.retry_max_backoff_ms,
+            multiplier: args.retry_backoff_multiplier,
+            jitter: args.retry_jitter_factor,
+        },
+        request_timeout: Duration::from_secs(args.request_timeout_secs),
+        failure_threshold: args.health_failure_threshold,
+    });
+    let state = Arc::new(AppState {
+        proxy,
+        request_id_headers: args
+            .request_id_headers
+            .iter()
+            .map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--request-id-headers: {e}"))?,
+        max_payload: args.max_payload_size,
+    });
+
+    if args.prometheus_port != 0 {
+        let addr = format!("{}:{}", args.prometheus_host, args.prometheus_port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot bind metrics listener {addr}: {e}"))?;
+        let m = metrics.clone();
+        let reg = registry.clone();
+        let metrics_app = axum::Router::new().fallback(move || {
+            let m = m.clone();
+            let reg = reg.clone();
+            async move {
+                for w in &reg.snapshot().workers {
+                    m.worker_in_flight.with_label_values(&[&w.name()]).set(w.in_flight() as i64);
+                    m.worker_health.with_label_values(&[&w.name()]).set(w.is_healthy() as i64);
+                }
+                ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+            }
+        });
+        tokio::spawn(async move { axum::serve(listener, metrics_app).await });
+        tracing::info!("metrics on http://{addr}/metrics");
+    }
+
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+    tracing::info!(
+        "vllm-router listening on http://{addr} with {} workers ({} healthy), ready in {:?}",
+        registry.snapshot().workers.len(),
+        vllm_router::server::healthy_count(&state, Role::Regular),
+        t0.elapsed()
+    );
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}

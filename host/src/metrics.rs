@@ -1,0 +1,119 @@
+//! Prometheus metrics (prefix `vllm_router_`), served on `--prometheus-host:--prometheus-port`.
+//! Labels are bounded: route (a fixed set, see [`route_label`]), status, worker URL, policy
+//! slot and version; never request ids.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Latency buckets in seconds, from 0.5 ms to 4 min (LLM requests are long).
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0,
+    30.0, 60.0, 120.0, 240.0,
+];
+/// Policy decision buckets in seconds, from 1 µs to 10 ms.
+const DECISION_BUCKETS: &[f64] =
+    &[0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01];
+
+/// All router metrics.
+pub struct Metrics {
+    /// The registry the exposition is rendered from.
+    pub registry: Registry,
+    /// Requests by route and final status code.
+    pub requests: IntCounterVec,
+    /// End-to-end request duration (to the end of the response body), by route.
+    pub request_seconds: HistogramVec,
+    /// Time to first response byte of streamed responses, by route.
+    pub ttfb_seconds: HistogramVec,
+    /// Router-side errors by route and kind (`no_workers`, `bad_request`, `upstream_unreachable`, ...).
+    pub request_errors: IntCounterVec,
+    /// Retries (attempts after the first), by route.
+    pub retries: IntCounterVec,
+    /// Upstream failures by worker and kind (`connect`, `timeout`, `status_5xx`, ...).
+    pub upstream_errors: IntCounterVec,
+    /// Requests in flight per worker.
+    pub worker_in_flight: IntGaugeVec,
+    /// 1 when the worker is healthy, else 0.
+    pub worker_health: IntGaugeVec,
+    /// Requests routed per worker and policy slot.
+    pub worker_requests: IntCounterVec,
+    /// Duration of a policy's `select`, by slot and version.
+    pub policy_decision_seconds: HistogramVec,
+    /// Policy faults by slot, version and kind.
+    pub policy_failures: IntCounterVec,
+    /// Requests routed by the fallback because the policy failed, by slot.
+    pub policy_fallbacks: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        Metrics {
+            requests: counter(&r, "vllm_router_requests_total", "Requests by route and final HTTP status.", &["route", "status"]),
+            request_seconds: histogram(&r, "vllm_router_request_duration_seconds", "End-to-end request duration to the end of the response body.", &["route"], DURATION_BUCKETS),
+            ttfb_seconds: histogram(&r, "vllm_router_time_to_first_byte_seconds", "Time to the first response byte of streamed responses.", &["route"], DURATION_BUCKETS),
+            request_errors: counter(&r, "vllm_router_request_errors_total", "Router-side request errors by route and kind.", &["route", "error_type"]),
+            retries: counter(&r, "vllm_router_retries_total", "Attempts after the first, by route.", &["route"]),
+            upstream_errors: counter(&r, "vllm_router_upstream_errors_total", "Upstream failures by worker and kind.", &["worker", "kind"]),
+            worker_in_flight: gauge(&r, "vllm_router_worker_in_flight", "Requests in flight per worker (until the end of the response stream).", &["worker"]),
+            worker_health: gauge(&r, "vllm_router_worker_health", "1 when the worker is healthy, else 0.", &["worker"]),
+            worker_requests: counter(&r, "vllm_router_worker_requests_total", "Requests routed per worker and policy slot.", &["worker", "slot"]),
+            policy_decision_seconds: histogram(&r, "vllm_router_policy_decision_duration_seconds", "Duration of one policy select call, WebAssembly call included.", &["slot", "version"], DECISION_BUCKETS),
+            policy_failures: counter(&r, "vllm_router_policy_failures_total", "Policy faults (trap, timeout, out_of_memory, bad_answer, declined, init).", &["slot", "version", "kind"]),
+            policy_fallbacks: counter(&r, "vllm_router_policy_fallbacks_total", "Requests routed by the fallback because the policy failed.", &["slot"]),
+            registry: r,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode metrics");
+        String::from_utf8(buf).expect("utf-8 metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Route label for a path: the known OpenAI/vLLM routes by name, everything else `other`
+/// (keeps cardinality bounded whatever clients send).
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/completions" => "/v1/completions",
+        "/v1/embeddings" => "/v1/embeddings",
+        "/v1/responses" => "/v1/responses",
+        "/v1/rerank" | "/rerank" => "/v1/rerank",
+        "/v1/models" => "/v1/models",
+        "/generate" => "/generate",
+        "/tokenize" => "/tokenize",
+        "/detokenize" => "/detokenize",
+        "/pooling" => "/pooling",
+        "/classify" => "/classify",
+        "/score" | "/v1/score" => "/v1/score",
+        _ => "other",
+    }
+}

@@ -1,0 +1,38 @@
+//! Built-in policies: components built from `policies/*` by `host/build.rs` and embedded
+//! in the binary, so `--policy NAME` needs no file.
+
+/// A built-in policy component.
+pub struct Builtin {
+    /// Name accepted by `--policy`.
+    pub name: &'static str,
+    /// One-line description for `--help` and logs.
+    pub about: &'static str,
+    /// The component bytes.
+    pub wasm: &'static [u8],
+}
+
+macro_rules! builtin {
+    ($name:literal, $stem:literal, $about:literal) => {
+        Builtin {
+            name: $name,
+            about: $about,
+            wasm: include_bytes!(concat!(env!("VLLM_ROUTER_POLICY_WASM_DIR"), "/", $stem, ".wasm")),
+        }
+    };
+}
+
+/// All built-in policies.
+pub static BUILTINS: &[Builtin] = &[
+    builtin!("round_robin", "policy_round_robin", "next eligible worker in id order"),
+    builtin!("random", "policy_random", "uniform random eligible worker"),
+];
+
+/// Look up a built-in by name.
+pub fn find(name: &str) -> Option<&'static Builtin> {
+    BUILTINS.iter().find(|b| b.name == name)
+}
+
+/// Names of all built-ins, comma-separated (for error messages).
+pub fn names() -> String {
+    BUILTINS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,178 @@
+//! HTTP front end: OpenAI-compatible routes, health/readiness, and the catch-all proxy.
+
+use crate::error::ApiError;
+use crate::metrics::route_label;
+use crate::proxy::{Proxy, Selector, set_request_id};
+use crate::request::{BodyError, RequestInfo};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderMap, Method, StatusCode, header};
+use std::sync::Arc;
+use std::time::Instant;
+use vllm_router_sdk::Role;
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// The forwarding core.
+    pub proxy: Arc<Proxy>,
+    /// `--request-id-headers`, lower-cased.
+    pub request_id_headers: Vec<http::HeaderName>,
+    /// `--max-payload-size`, bytes.
+    pub max_payload: usize,
+}
+
+/// Build the client-facing router.
+pub fn app(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/liveness", get(liveness))
+        .route("/readiness", get(readiness))
+        .route("/v1/models", get(models))
+        .route("/list_workers", get(list_workers))
+        .fallback(proxy_any)
+        .with_state(state)
+}
+
+async fn liveness() -> impl IntoResponse {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"alive"}"#)
+}
+
+fn counts(st: &AppState) -> (usize, usize, Vec<String>) {
+    let set = st.proxy.registry.snapshot();
+    let total = set.workers.len();
+    let unhealthy: Vec<String> = set.workers.iter().filter(|w| !w.is_healthy()).map(|w| w.name()).collect();
+    (total - unhealthy.len(), total, unhealthy)
+}
+
+/// `/health`: 200 while at least one worker is healthy (status `healthy`, or `degraded`
+/// with the unhealthy list), 503 when none is. vllm-project/router answers 503 as soon as
+/// one worker of many is down, which takes a whole fleet out of its load balancer.
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let (healthy, total, unhealthy) = counts(&st);
+    let (code, status) = match healthy {
+        0 => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy"),
+        h if h == total => (StatusCode::OK, "healthy"),
+        _ => (StatusCode::OK, "degraded"),
+    };
+    let body = serde_json::json!({"status": status, "healthy_workers": healthy, "total_workers": total, "unhealthy_workers": unhealthy});
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// `/readiness`: 200 `{"status":"ready","healthy_workers":n,"total_workers":m}` when at
+/// least one worker is healthy, else 503 `not_ready` with a reason.
+async fn readiness(State(st): State<Arc<AppState>>) -> Response {
+    let (healthy, total, _) = counts(&st);
+    let (code, body) = if healthy > 0 {
+        (StatusCode::OK, serde_json::json!({"status": "ready", "healthy_workers": healthy, "total_workers": total}))
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not_ready", "reason": "no healthy workers available", "healthy_workers": 0, "total_workers": total}))
+    };
+    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+/// `/list_workers`: `{"urls": [...]}` (vllm-project/router compatible).
+async fn list_workers(State(st): State<Arc<AppState>>) -> Response {
+    let set = st.proxy.registry.snapshot();
+    let urls: Vec<String> = set.workers.iter().map(|w| w.name()).collect();
+    axum::Json(serde_json::json!({"urls": urls})).into_response()
+}
+
+/// `/v1/models`: forwarded to the least-loaded healthy worker (not the first registered
+/// one, which may be down).
+async fn models(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    handle(st, req, Selector::LeastLoaded).await
+}
+
+async fn proxy_any(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    handle(st, req, Selector::Policy).await
+}
+
+fn request_id(st: &AppState, headers: &HeaderMap, path: &str) -> (String, bool) {
+    for name in &st.request_id_headers {
+        if let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) {
+            if !v.is_empty() {
+                return (v.to_string(), true);
+            }
+        }
+    }
+    let prefix = match path {
+        "/v1/chat/completions" => "chatcmpl-",
+        "/v1/completions" => "cmpl-",
+        "/v1/embeddings" => "embd-",
+        "/v1/responses" => "resp-",
+        _ => "req-",
+    };
+    (format!("{prefix}{}", uuid::Uuid::new_v4().simple()), false)
+}
+
+fn is_json_content_type(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(ct) => {
+            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            mime == "application/json" || mime.ends_with("+json") || mime.is_empty()
+        }
+    }
+}
+
+async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let route = route_label(&path);
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| path.clone());
+    let (rid, from_client) = request_id(&st, &parts.headers, &path);
+    let fail = |e: ApiError| {
+        st.proxy.finish_error(route, &e, started);
+        let mut r = e.into_response();
+        set_request_id(r.headers_mut(), &rid);
+        r
+    };
+
+    let too_large = || {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "payload_too_large",
+            format!("request body exceeds --max-payload-size ({} bytes)", st.max_payload))
+    };
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > st.max_payload) {
+        return fail(too_large());
+    }
+    let bytes = match axum::body::to_bytes(body, st.max_payload).await {
+        Ok(b) => b,
+        Err(e) => {
+            let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return fail(if over { too_large() } else { ApiError::bad_request("body_read_failed", format!("could not read request body: {e}")) });
+        }
+    };
+
+    let generation = parts.method == Method::POST && !matches!(sel, Selector::LeastLoaded);
+    let mut info = if generation {
+        if !is_json_content_type(&parts.headers) {
+            return fail(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "unsupported_media_type",
+                "Content-Type must be application/json"));
+        }
+        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+            return fail(ApiError::bad_request("empty_body", "request body is empty; expected a JSON object"));
+        }
+        match RequestInfo::from_json(parts.method.clone(), path_and_query, path.clone(), parts.headers, bytes) {
+            Ok(i) => i,
+            Err(BodyError::NotObject) => return fail(ApiError::bad_request("invalid_json", "request body must be a JSON object")),
+            Err(BodyError::Malformed(m)) => return fail(ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {m}"))),
+        }
+    } else {
+        RequestInfo::raw(parts.method.clone(), path_and_query, path.clone(), parts.headers, bytes)
+    };
+    info.request_id = rid;
+    info.request_id_from_client = from_client;
+    let resp: Response<Body> = st.proxy.forward(Arc::new(info), sel).await;
+    resp
+}
+
+/// Workers of a role that are healthy, for logs.
+pub fn healthy_count(st: &AppState, role: Role) -> usize {
+    st.proxy.registry.snapshot().with_role(role).filter(|w| w.is_healthy()).count()
+}

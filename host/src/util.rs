@@ -1,0 +1,16 @@
+//! Small shared helpers.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static START: OnceLock<Instant> = OnceLock::new();
+
+/// Mark the router's start (first call wins).
+pub fn mark_start() {
+    START.get_or_init(Instant::now);
+}
+
+/// Milliseconds since the router started (monotonic).
+pub fn uptime_ms() -> u64 {
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}

@@ -1,0 +1,241 @@
+//! Worker registry: the set of vLLM workers, their health, in-flight counts and ids.
+//!
+//! The set is an immutable snapshot behind an `ArcSwap` (read without locks on the hot
+//! path); a membership change publishes a new snapshot with a higher generation, which
+//! tells each policy instance to refresh its copy through `workers-changed`.
+
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use vllm_router_sdk::Role;
+
+/// One worker (one data-parallel rank of a vLLM server, or the whole server).
+#[derive(Debug)]
+pub struct Worker {
+    /// Router-assigned id, unique for the process lifetime.
+    pub id: u32,
+    /// Base URL, e.g. `http://10.0.0.1:8000` (no trailing slash, no `@rank`).
+    pub url: String,
+    /// `scheme://authority` parsed from `url`, for building upstream URIs.
+    pub authority: http::uri::Authority,
+    /// Role in a PD deployment.
+    pub role: Role,
+    /// Data-parallel rank, sent upstream as `X-data-parallel-rank`.
+    pub dp_rank: Option<u32>,
+    /// Requests dispatched and not finished (streams until their last byte).
+    in_flight: AtomicU32,
+    healthy: AtomicBool,
+    /// Consecutive failed / successful health observations.
+    fail_streak: AtomicU32,
+    ok_streak: AtomicU32,
+}
+
+impl Worker {
+    /// A worker for base URL `url` (must be `http://host:port[/]`).
+    pub fn new(id: u32, url: &str, role: Role, dp_rank: Option<u32>) -> Result<Self, String> {
+        let url = url.trim_end_matches('/').to_string();
+        let uri: http::Uri = url.parse().map_err(|e| format!("bad worker URL {url}: {e}"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("worker URL {url} has no host"))?;
+        Ok(Worker {
+            id,
+            url,
+            authority,
+            role,
+            dp_rank,
+            in_flight: AtomicU32::new(0),
+            healthy: AtomicBool::new(true),
+            fail_streak: AtomicU32::new(0),
+            ok_streak: AtomicU32::new(0),
+        })
+    }
+
+    /// Display name: `url` or `url@rank`; used as the metrics label.
+    pub fn name(&self) -> String {
+        match self.dp_rank {
+            Some(r) => format!("{}@{}", self.url, r),
+            None => self.url.clone(),
+        }
+    }
+
+    /// Requests in flight on this worker.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker may receive traffic.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Count a dispatched request; the guard un-counts it when dropped.
+    pub fn start_request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Record a passive failure (connect error, 5xx): marks the worker unhealthy at once
+    /// when the failure is a connection error (`hard`), else counts toward the threshold.
+    /// Returns true when this call turned it unhealthy.
+    pub fn record_failure(&self, hard: bool, threshold: u32) -> bool {
+        self.ok_streak.store(0, Ordering::Relaxed);
+        let n = self.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if hard || n >= threshold {
+            return self.healthy.swap(false, Ordering::Relaxed);
+        }
+        false
+    }
+
+    /// Record a success (probe or response). Returns true when this call turned an
+    /// unhealthy worker healthy (after `threshold` consecutive successes).
+    pub fn record_success(&self, threshold: u32) -> bool {
+        self.fail_streak.store(0, Ordering::Relaxed);
+        if self.is_healthy() {
+            return false;
+        }
+        let n = self.ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= threshold {
+            self.ok_streak.store(0, Ordering::Relaxed);
+            return !self.healthy.swap(true, Ordering::Relaxed);
+        }
+        false
+    }
+}
+
+/// In-flight accounting guard: decrements the worker's count when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Worker>);
+
+impl InFlight {
+    /// The worker this request is on.
+    pub fn worker(&self) -> &Arc<Worker> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An immutable view of the fleet.
+#[derive(Debug, Default)]
+pub struct WorkerSet {
+    /// Workers in ascending id order.
+    pub workers: Vec<Arc<Worker>>,
+    /// Bumped on every membership change.
+    pub generation: u64,
+}
+
+impl WorkerSet {
+    /// Worker by id.
+    pub fn get(&self, id: u32) -> Option<&Arc<Worker>> {
+        self.workers.binary_search_by_key(&id, |w| w.id).ok().map(|i| &self.workers[i])
+    }
+
+    /// Workers of a role.
+    pub fn with_role(&self, role: Role) -> impl Iterator<Item = &Arc<Worker>> {
+        self.workers.iter().filter(move |w| w.role == role)
+    }
+}
+
+/// The registry: a swappable snapshot plus id allocation.
+#[derive(Debug, Default)]
+pub struct Registry {
+    set: ArcSwap<WorkerSet>,
+    next_id: AtomicU32,
+    generation: AtomicU64,
+}
+
+impl Registry {
+    /// Current snapshot.
+    pub fn snapshot(&self) -> Arc<WorkerSet> {
+        self.set.load_full()
+    }
+
+    /// Current generation (cheap; no snapshot clone).
+    pub fn generation(&self) -> u64 {
+        self.set.load().generation
+    }
+
+    /// Add workers for base URL `url`: one per data-parallel rank when `dp_size > 1`.
+    /// Returns their ids; an existing (url, rank, role) is kept, not duplicated.
+    pub fn add(&self, url: &str, role: Role, dp_size: u32) -> Result<Vec<u32>, String> {
+        let cur = self.snapshot();
+        let mut workers = cur.workers.clone();
+        let mut ids = Vec::new();
+        let ranks: Vec<Option<u32>> =
+            if dp_size > 1 { (0..dp_size).map(Some).collect() } else { vec![None] };
+        let base = url.trim_end_matches('/');
+        for rank in ranks {
+            if let Some(w) = workers.iter().find(|w| w.url == base && w.dp_rank == rank && w.role == role) {
+                ids.push(w.id);
+                continue;
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            workers.push(Arc::new(Worker::new(id, url, role, rank)?));
+            ids.push(id);
+        }
+        self.publish(workers);
+        Ok(ids)
+    }
+
+    /// Remove every worker with base URL `url` (all ranks). Returns how many went.
+    pub fn remove(&self, url: &str) -> usize {
+        let base = url.trim_end_matches('/');
+        let cur = self.snapshot();
+        let workers: Vec<_> = cur.workers.iter().filter(|w| w.url != base).cloned().collect();
+        let removed = cur.workers.len() - workers.len();
+        if removed > 0 {
+            self.publish(workers);
+        }
+        removed
+    }
+
+    fn publish(&self, mut workers: Vec<Arc<Worker>>) {
+        workers.sort_by_key(|w| w.id);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.set.store(Arc::new(WorkerSet { workers, generation }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dp_ranks_become_separate_workers() {
+        let r = Registry::default();
+        let ids = r.add("http://127.0.0.1:8000/", Role::Regular, 2).unwrap();
+        assert_eq!(ids, vec![0, 1]);
+        let s = r.snapshot();
+        assert_eq!(s.workers[1].name(), "http://127.0.0.1:8000@1");
+        assert_eq!(s.workers[0].authority.as_str(), "127.0.0.1:8000");
+        // Re-adding keeps ids and state.
+        assert_eq!(r.add("http://127.0.0.1:8000", Role::Regular, 2).unwrap(), vec![0, 1]);
+        assert_eq!(r.remove("http://127.0.0.1:8000"), 2);
+        assert!(r.snapshot().workers.is_empty());
+        assert!(r.generation() >= 3);
+    }
+
+    #[test]
+    fn in_flight_guard_and_health_streaks() {
+        let r = Registry::default();
+        r.add("http://a:1", Role::Regular, 1).unwrap();
+        let w = r.snapshot().workers[0].clone();
+        let g1 = w.start_request();
+        let g2 = w.start_request();
+        assert_eq!(w.in_flight(), 2);
+        drop(g1);
+        assert_eq!(g2.worker().in_flight(), 1);
+        drop(g2);
+        assert_eq!(w.in_flight(), 0);
+        assert!(!w.record_failure(false, 3));
+        assert!(!w.record_failure(false, 3));
+        assert!(w.record_failure(false, 3));
+        assert!(!w.is_healthy());
+        assert!(!w.record_success(2));
+        assert!(w.record_success(2));
+        assert!(w.is_healthy());
+    }
+}

@@ -1,0 +1,174 @@
+//! The component side (wasm32 only): wit-bindgen bindings for `wit/policy.wit` and the
+//! adapter that turns a [`Policy`] into the exported `balancer` interface.
+
+use crate::{
+    Candidate, Completion, Decision, EngineLoad, Policy, Request, Role, Stage, Worker,
+};
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+#[allow(missing_docs, clippy::all)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "policy",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "vllm_router_sdk::component::bindings",
+    });
+}
+
+use bindings::exports::vllm::router_policy::balancer as wit;
+use bindings::vllm::router_policy::types as t;
+
+/// Object-safe view of the policy so it can sit in one non-generic static.
+trait DynPolicy {
+    fn workers_changed(&mut self, workers: &[Worker]);
+    fn select(&mut self, req: &dyn Request, candidates: &[Candidate]) -> Decision;
+    fn on_complete(&mut self, done: &Completion);
+    fn export_state(&self) -> Vec<u8>;
+    fn import_state(&mut self, state: &[u8]) -> Result<(), String>;
+}
+
+impl<P: Policy> DynPolicy for P {
+    fn workers_changed(&mut self, workers: &[Worker]) {
+        Policy::workers_changed(self, workers)
+    }
+    fn select(&mut self, req: &dyn Request, candidates: &[Candidate]) -> Decision {
+        Policy::select(self, req, candidates)
+    }
+    fn on_complete(&mut self, done: &Completion) {
+        Policy::on_complete(self, done)
+    }
+    fn export_state(&self) -> Vec<u8> {
+        Policy::export_state(self)
+    }
+    fn import_state(&mut self, state: &[u8]) -> Result<(), String> {
+        Policy::import_state(self, state)
+    }
+}
+
+thread_local! {
+    static INSTANCE: RefCell<Option<Box<dyn DynPolicy>>> = const { RefCell::new(None) };
+    static CANDIDATES: RefCell<Vec<Candidate>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Implements the exported interface for any [`Policy`]; used by [`crate::export_policy!`].
+pub struct Adapter<P>(PhantomData<P>);
+
+struct ReqView<'a>(&'a t::Request);
+
+impl Request for ReqView<'_> {
+    fn path(&self) -> String {
+        self.0.path()
+    }
+    fn model(&self) -> Option<String> {
+        self.0.model()
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.0.header(name)
+    }
+    fn body_field(&self, path: &str) -> Option<String> {
+        self.0.body_field(path)
+    }
+    fn routing_text(&self) -> String {
+        self.0.routing_text()
+    }
+    fn body_length(&self) -> u64 {
+        self.0.body_length()
+    }
+    fn request_id(&self) -> String {
+        self.0.request_id()
+    }
+    fn stage(&self) -> Stage {
+        stage_from(self.0.stage())
+    }
+}
+
+fn stage_from(s: t::Stage) -> Stage {
+    match s {
+        t::Stage::Regular => Stage::Regular,
+        t::Stage::Prefill => Stage::Prefill,
+        t::Stage::Decode => Stage::Decode,
+    }
+}
+
+fn with_policy<R>(f: impl FnOnce(&mut dyn DynPolicy) -> R) -> Option<R> {
+    INSTANCE.with(|cell| {
+        let mut guard = cell.borrow_mut();
+        match guard.as_mut() {
+            Some(p) => Some(f(p.as_mut())),
+            None => None,
+        }
+    })
+}
+
+impl<P: Policy> wit::Guest for Adapter<P> {
+    fn init(config: String) -> Result<(), String> {
+        let p = P::new(&config)?;
+        INSTANCE.with(|cell| *cell.borrow_mut() = Some(Box::new(p)));
+        Ok(())
+    }
+
+    fn workers_changed(workers: Vec<t::Worker>) {
+        let workers: Vec<Worker> = workers
+            .into_iter()
+            .map(|w| Worker {
+                id: w.id,
+                url: w.url,
+                role: match w.role {
+                    t::Role::Regular => Role::Regular,
+                    t::Role::Prefill => Role::Prefill,
+                    t::Role::Decode => Role::Decode,
+                },
+                dp_rank: w.dp_rank,
+                labels: w.labels,
+            })
+            .collect();
+        with_policy(|p| p.workers_changed(&workers));
+    }
+
+    fn select(req: &t::Request, candidates: Vec<t::Candidate>) -> t::Decision {
+        // Reuse one buffer across calls: no allocation per decision.
+        let d = CANDIDATES.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            buf.clear();
+            buf.extend(candidates.iter().map(|c| Candidate {
+                id: c.id,
+                in_flight: c.in_flight,
+                engine: c.engine.map(|e| EngineLoad {
+                    running: e.running,
+                    waiting: e.waiting,
+                    kv_cache_permille: e.kv_cache_permille,
+                    age_ms: e.age_ms,
+                }),
+            }));
+            with_policy(|p| p.select(&ReqView(req), &buf))
+        });
+        match d {
+            Some(Decision::Worker(id)) => t::Decision::Worker(id),
+            Some(Decision::None(why)) => t::Decision::None(why),
+            None => t::Decision::None("policy not initialised".to_string()),
+        }
+    }
+
+    fn on_complete(done: t::Completion) {
+        let c = Completion {
+            worker: done.worker,
+            status: done.status,
+            latency_ms: done.latency_ms,
+            first_byte_ms: done.first_byte_ms,
+            stage: stage_from(done.stage),
+        };
+        with_policy(|p| p.on_complete(&c));
+    }
+
+    fn export_state() -> Vec<u8> {
+        with_policy(|p| p.export_state()).unwrap_or_default()
+    }
+
+    fn import_state(state: Vec<u8>) -> Result<(), String> {
+        with_policy(|p| p.import_state(&state))
+            .unwrap_or_else(|| Err("policy not initialised".to_string()))
+    }
+}

@@ -1,0 +1,319 @@
+//! # vllm-router SDK
+//!
+//! Write a load-balancing policy for `vllm-router` as plain Rust, unit test it natively
+//! with `cargo test`, and build it into a WebAssembly component with
+//! `cargo build --target wasm32-wasip2 --release`.
+//!
+//! ```ignore
+//! use vllm_router_sdk::prelude::*;
+//!
+//! struct LeastInFlight;
+//!
+//! impl Policy for LeastInFlight {
+//!     fn new(_config: &str) -> Result<Self, String> { Ok(LeastInFlight) }
+//!     fn select(&mut self, _req: &dyn Request, candidates: &[Candidate]) -> Decision {
+//!         let best = candidates.iter().min_by_key(|c| c.in_flight).unwrap();
+//!         Decision::Worker(best.id)
+//!     }
+//! }
+//!
+//! vllm_router_sdk::export_policy!(LeastInFlight);
+//! ```
+//!
+//! The contract is `wit/policy.wit` (package `vllm:router-policy@0.1.0`, world `policy`).
+//! This crate mirrors its types as ordinary Rust types so the same policy code runs inside
+//! the component and in native tests ([`testing`]).
+
+use std::fmt;
+
+pub mod routing;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
+
+#[doc(hidden)]
+#[cfg(target_arch = "wasm32")]
+pub mod component;
+
+/// Re-exports a policy author needs.
+pub mod prelude {
+    pub use crate::{
+        Candidate, Completion, Decision, EngineLoad, Level, Policy, Request, Role, Stage,
+        Worker, WorkerId, host,
+    };
+}
+
+/// Dense id the router gives each worker; stable while the worker is registered.
+pub type WorkerId = u32;
+
+/// Role of a worker in a vLLM deployment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Serves whole requests.
+    Regular,
+    /// Prefill instance of a prefill/decode (PD) deployment.
+    Prefill,
+    /// Decode instance of a PD deployment.
+    Decode,
+}
+
+/// Static description of a worker, delivered by [`Policy::workers_changed`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Worker {
+    /// The router's id for the worker.
+    pub id: WorkerId,
+    /// Base URL of the vLLM server (`http://10.0.1.2:8000`), without the DP suffix.
+    pub url: String,
+    /// Role in a PD deployment.
+    pub role: Role,
+    /// Data-parallel rank, when the URL serves several.
+    pub dp_rank: Option<u32>,
+    /// Labels from configuration or discovery.
+    pub labels: Vec<(String, String)>,
+}
+
+impl Worker {
+    /// A stable identity for hashing: `url`, or `url@rank` for a data-parallel rank.
+    /// Identical on every router replica.
+    pub fn key(&self) -> String {
+        match self.dp_rank {
+            Some(r) => format!("{}@{}", self.url, r),
+            None => self.url.clone(),
+        }
+    }
+}
+
+/// Engine-side load scraped from the worker's vLLM `/metrics`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    /// `vllm:num_requests_running`.
+    pub running: u32,
+    /// `vllm:num_requests_waiting`.
+    pub waiting: u32,
+    /// `vllm:kv_cache_usage_perc` in per-mille (0..=1000).
+    pub kv_cache_permille: u16,
+    /// Age of the sample in milliseconds.
+    pub age_ms: u32,
+}
+
+/// A worker that may take the current request, with its load.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Candidate {
+    /// The router's id for the worker.
+    pub id: WorkerId,
+    /// Requests dispatched by this router and not finished (streams count until their end).
+    pub in_flight: u32,
+    /// Engine load when the router scrapes `/metrics`.
+    pub engine: Option<EngineLoad>,
+}
+
+impl Candidate {
+    /// One load figure: router in-flight plus, when known, the engine's waiting queue.
+    /// Unit: requests.
+    pub fn load(&self) -> u64 {
+        let engine = self.engine.map(|e| e.waiting as u64).unwrap_or(0);
+        self.in_flight as u64 + engine
+    }
+}
+
+/// The stage a decision is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// A whole request.
+    Regular,
+    /// Prefill stage of a PD request.
+    Prefill,
+    /// Decode stage of a PD request.
+    Decode,
+}
+
+/// A policy's answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Route to this worker (must be one of the candidates).
+    Worker(WorkerId),
+    /// No choice; the reason is logged and the router uses its fallback.
+    None(String),
+}
+
+/// Feedback after a routed request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// The worker that served it.
+    pub worker: WorkerId,
+    /// HTTP status from the worker; 0 when none arrived.
+    pub status: u16,
+    /// Dispatch to end of response body, milliseconds.
+    pub latency_ms: u32,
+    /// Dispatch to first body byte, milliseconds.
+    pub first_byte_ms: Option<u32>,
+    /// Stage the request was for.
+    pub stage: Stage,
+}
+
+/// Log severity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// Read access to the request being routed. In a component each call crosses into the
+/// host and copies only its answer; read what you need, once.
+pub trait Request {
+    /// URL path, e.g. `/v1/chat/completions`.
+    fn path(&self) -> String;
+    /// The body's `model` field.
+    fn model(&self) -> Option<String>;
+    /// A header the client sent (case-insensitive name).
+    fn header(&self, name: &str) -> Option<String>;
+    /// A scalar JSON body field by dotted path (`session_params.session_id`).
+    fn body_field(&self, path: &str) -> Option<String>;
+    /// The prompt text for prefix affinity (see [`routing::routing_text`]).
+    fn routing_text(&self) -> String;
+    /// Body length in bytes.
+    fn body_length(&self) -> u64;
+    /// The router's request id.
+    fn request_id(&self) -> String;
+    /// The stage this decision is for.
+    fn stage(&self) -> Stage;
+}
+
+/// A load-balancing policy. One instance lives for the life of a loaded policy version;
+/// calls never overlap (the router serialises them), so `&mut self` is safe to use for
+/// counters, rings and trees.
+pub trait Policy: Sized + 'static {
+    /// Build the policy from its JSON config (`"{}"` when none was given).
+    /// An `Err` refuses the load, with that message shown to the operator.
+    fn new(config: &str) -> Result<Self, String>;
+
+    /// The full worker set changed. Called before the first `select`.
+    fn workers_changed(&mut self, _workers: &[Worker]) {}
+
+    /// Choose among `candidates` (never empty, eligible workers only, ascending id).
+    fn select(&mut self, req: &dyn Request, candidates: &[Candidate]) -> Decision;
+
+    /// A request routed by this policy ended.
+    fn on_complete(&mut self, _done: &Completion) {}
+
+    /// State to hand to the next version on a hot swap; empty means none.
+    fn export_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// State from the previous version. `Err` means "start cold" (not an error for the load).
+    fn import_state(&mut self, _state: &[u8]) -> Result<(), String> {
+        Err("state import not supported".to_string())
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Worker(id) => write!(f, "worker {id}"),
+            Decision::None(why) => write!(f, "none ({why})"),
+        }
+    }
+}
+
+/// Functions the router offers to policies. Natively (in tests) they are implemented
+/// in-process: `log` prints to stderr, `random` is a seedable xorshift generator
+/// ([`testing::seed_random`]).
+pub mod host {
+    use crate::Level;
+
+    /// Write a line to the router's log (rate-limited by the host).
+    pub fn log(level: Level, message: &str) {
+        imp::log(level, message)
+    }
+
+    /// Milliseconds since the router started (monotonic).
+    pub fn now_ms() -> u64 {
+        imp::now_ms()
+    }
+
+    /// 64 random bits (not for cryptography).
+    pub fn random() -> u64 {
+        imp::random()
+    }
+
+    /// A uniform random index in `0..n` (`n > 0`), by Lemire's multiply-shift.
+    pub fn random_below(n: usize) -> usize {
+        debug_assert!(n > 0);
+        ((random() as u128 * n as u128) >> 64) as usize
+    }
+
+    #[cfg(target_arch = "wasm32")]
+    mod imp {
+        use crate::Level;
+        use crate::component::bindings::vllm::router_policy::{host, types};
+
+        pub fn log(level: Level, message: &str) {
+            let l = match level {
+                Level::Debug => types::Level::Debug,
+                Level::Info => types::Level::Info,
+                Level::Warn => types::Level::Warn,
+                Level::Error => types::Level::Error,
+            };
+            host::log(l, message)
+        }
+        pub fn now_ms() -> u64 {
+            host::now_ms()
+        }
+        pub fn random() -> u64 {
+            host::random()
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    mod imp {
+        use crate::Level;
+        use std::cell::Cell;
+        use std::sync::OnceLock;
+        use std::time::Instant;
+
+        thread_local! {
+            pub(crate) static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+        }
+        static START: OnceLock<Instant> = OnceLock::new();
+
+        pub fn log(level: Level, message: &str) {
+            eprintln!("[policy {level:?}] {message}");
+        }
+        pub fn now_ms() -> u64 {
+            START.get_or_init(Instant::now).elapsed().as_millis() as u64
+        }
+        pub fn random() -> u64 {
+            // xorshift64*: fast, good enough for load balancing tests.
+            RNG.with(|s| {
+                let mut x = s.get();
+                x ^= x >> 12;
+                x ^= x << 25;
+                x ^= x >> 27;
+                s.set(x);
+                x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+            })
+        }
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    pub(crate) fn seed(seed: u64) {
+        imp::RNG.with(|s| s.set(seed | 1));
+    }
+}
+
+/// Export a [`Policy`] implementation as the component's `balancer` interface.
+/// Expands to nothing on native targets, so the same crate is unit-testable natively.
+#[macro_export]
+macro_rules! export_policy {
+    ($policy:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type __VllmRouterPolicyAdapter = $crate::component::Adapter<$policy>;
+            $crate::component::bindings::export!(
+                __VllmRouterPolicyAdapter with_types_in $crate::component::bindings
+            );
+        };
+    };
+}

@@ -1,0 +1,226 @@
+//! What a request means for routing, computed from its JSON body without re-serialising
+//! it. The router host and the native test harness both use these functions, so a policy
+//! sees the same routing text in `cargo test` as in production.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::ops::Range;
+
+/// Byte ranges of the top-level fields of a JSON object body, built once per request so
+/// several [`FieldIndex::get`] calls scan the body only once.
+#[derive(Debug, Default, Clone)]
+pub struct FieldIndex {
+    fields: Vec<(String, Range<usize>)>,
+}
+
+fn object_ranges(body: &[u8], base: usize) -> Option<Vec<(String, Range<usize>)>> {
+    let map: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(body).ok()?;
+    let start = body.as_ptr() as usize;
+    Some(
+        map.into_iter()
+            .map(|(k, v)| {
+                let off = v.get().as_ptr() as usize - start;
+                (k.into_owned(), base + off..base + off + v.get().len())
+            })
+            .collect(),
+    )
+}
+
+impl FieldIndex {
+    /// Index the top level of `body`. A body that is not a JSON object gives an empty index.
+    pub fn new(body: &[u8]) -> Self {
+        FieldIndex { fields: object_ranges(body, 0).unwrap_or_default() }
+    }
+
+    /// Byte range of top-level field `name` in the body the index was built from.
+    pub fn range(&self, name: &str) -> Option<Range<usize>> {
+        self.fields.iter().find(|(k, _)| k == name).map(|(_, r)| r.clone())
+    }
+
+    /// A scalar field by dotted path (`user`, `session_params.session_id`): strings
+    /// unquoted, numbers and booleans as JSON text; objects, arrays, null → `None`.
+    pub fn get(&self, body: &[u8], path: &str) -> Option<String> {
+        let mut parts = path.split('.');
+        let mut range = self.range(parts.next()?)?;
+        for part in parts {
+            let sub = object_ranges(&body[range.clone()], range.start)?;
+            range = sub.into_iter().find(|(k, _)| k == part)?.1;
+        }
+        scalar_text(&body[range])
+    }
+}
+
+fn scalar_text(raw: &[u8]) -> Option<String> {
+    match raw.first()? {
+        b'"' => serde_json::from_slice::<String>(raw).ok(),
+        b'{' | b'[' | b'n' => None,
+        _ => std::str::from_utf8(raw).ok().map(str::to_owned),
+    }
+}
+
+/// A scalar body field by dotted path; see [`FieldIndex::get`].
+pub fn body_field(body: &[u8], path: &str) -> Option<String> {
+    FieldIndex::new(body).get(body, path)
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    role: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Parts(#[serde(borrow)] Vec<Part<'a>>),
+}
+
+#[derive(Deserialize)]
+struct Part<'a> {
+    #[serde(borrow, default)]
+    text: Option<Cow<'a, str>>,
+}
+
+fn render_content(raw: &RawValue, out: &mut String) {
+    match serde_json::from_str::<Content<'_>>(raw.get()) {
+        Ok(Content::Text(t)) => out.push_str(&t),
+        Ok(Content::Parts(parts)) => {
+            for t in parts.iter().filter_map(|p| p.text.as_deref()) {
+                out.push_str(t);
+            }
+        }
+        Err(_) => {}
+    }
+}
+
+/// Render a chat `messages` array (raw JSON) as `role\ncontent\n` per message, in order.
+/// Text parts of multi-part content are concatenated; images and tool calls are skipped.
+/// Stable: turn N+1's text starts with turn N's text, so prefix trees see the shared prefix.
+pub fn render_messages(raw: &[u8], out: &mut String) {
+    let Ok(msgs) = serde_json::from_slice::<Vec<Message<'_>>>(raw) else { return };
+    for m in msgs {
+        out.push_str(m.role.as_deref().unwrap_or(""));
+        out.push('\n');
+        if let Some(c) = m.content {
+            render_content(c, out);
+        }
+        out.push('\n');
+    }
+}
+
+/// Render a completions `prompt` / embeddings `input`: a string as is, a list of strings
+/// joined by `\n`, token ids as space-separated decimals, a list of such lists joined by
+/// `\n`.
+pub fn render_prompt(raw: &[u8], out: &mut String) {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum P<'a> {
+        Text(#[serde(borrow)] Cow<'a, str>),
+        Ids(Vec<i64>),
+        Many(#[serde(borrow)] Vec<P<'a>>),
+        Messages(#[serde(borrow)] Vec<Message<'a>>),
+    }
+    fn go(p: &P<'_>, out: &mut String) {
+        match p {
+            P::Text(t) => out.push_str(t),
+            P::Ids(ids) => {
+                for (i, id) in ids.iter().enumerate() {
+                    if i > 0 {
+                        out.push(' ');
+                    }
+                    let _ = write!(out, "{id}");
+                }
+            }
+            P::Many(items) => {
+                for (i, it) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push('\n');
+                    }
+                    go(it, out);
+                }
+            }
+            P::Messages(msgs) => {
+                for m in msgs {
+                    out.push_str(m.role.as_deref().unwrap_or(""));
+                    out.push('\n');
+                    if let Some(c) = m.content {
+                        render_content(c, out);
+                    }
+                    out.push('\n');
+                }
+            }
+        }
+    }
+    if let Ok(p) = serde_json::from_slice::<P<'_>>(raw) {
+        go(&p, out);
+    }
+}
+
+/// The routing text of a request body: chat `messages` (rendered, see
+/// [`render_messages`]), else `prompt`, else `input` (embeddings, responses), else `text`
+/// (SGLang-style `/generate`); empty when none is present.
+pub fn routing_text(body: &[u8], index: &FieldIndex) -> String {
+    let mut out = String::new();
+    if let Some(r) = index.range("messages") {
+        render_messages(&body[r], &mut out);
+    } else if let Some(r) =
+        index.range("prompt").or_else(|| index.range("input")).or_else(|| index.range("text"))
+    {
+        render_prompt(&body[r], &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_turns_share_a_prefix() {
+        let t1 = br#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}"#;
+        let t2 = br#"{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"},{"role":"assistant","content":[{"type":"text","text":"hello"}]},{"role":"user","content":"more"}],"model":"m"}"#;
+        let a = routing_text(t1, &FieldIndex::new(t1));
+        let b = routing_text(t2, &FieldIndex::new(t2));
+        assert_eq!(a, "system\nbe brief\nuser\nhi\n");
+        assert!(b.starts_with(&a), "{b:?} should extend {a:?}");
+        assert!(b.ends_with("assistant\nhello\nuser\nmore\n"));
+    }
+
+    #[test]
+    fn prompts_of_each_shape() {
+        let cases: [(&[u8], &str); 4] = [
+            (br#"{"prompt":"once upon"}"#, "once upon"),
+            (br#"{"prompt":["a","b"]}"#, "a\nb"),
+            (br#"{"prompt":[1,2,3]}"#, "1 2 3"),
+            (br#"{"input":"embed me"}"#, "embed me"),
+        ];
+        for (body, want) in cases {
+            assert_eq!(routing_text(body, &FieldIndex::new(body)), want);
+        }
+    }
+
+    #[test]
+    fn body_fields_are_parsed_not_scanned() {
+        let body = br#"{"prompt":"user: mallory","session_params":{"session_id":"s-1"},"user":"bob","n":3,"x":null}"#;
+        let idx = FieldIndex::new(body);
+        assert_eq!(idx.get(body, "user").as_deref(), Some("bob"));
+        assert_eq!(idx.get(body, "session_params.session_id").as_deref(), Some("s-1"));
+        assert_eq!(idx.get(body, "n").as_deref(), Some("3"));
+        assert_eq!(idx.get(body, "x"), None);
+        assert_eq!(idx.get(body, "session_params"), None);
+        assert_eq!(idx.get(body, "missing"), None);
+        assert_eq!(body_field(b"[1,2]", "user"), None);
+    }
+
+    #[test]
+    fn escaped_keys_and_values() {
+        let body = br#"{"us\u0065r":"b\"ob"}"#;
+        assert_eq!(body_field(body, "user").as_deref(), Some("b\"ob"));
+    }
+}

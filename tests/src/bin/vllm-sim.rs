@@ -1,0 +1,360 @@
+//! `vllm-sim`: a simulated vLLM OpenAI-compatible server, the stand-in for vLLM on
+//! machines without a GPU. Speaks vLLM's wire format (field names, `usage`, SSE chunk
+//! shape, `data: [DONE]`) and reports which worker answered (header
+//! `x-vllm-sim-worker`, and the `system_fingerprint` field).
+//!
+//! Test knobs: flags at start, `POST /sim/config` at run time (same names, JSON), and
+//! per request the header `x-sim-status: CODE` (answer with that status). Recent requests
+//! (path, headers, body) are listed by `GET /sim/requests`.
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use clap::Parser;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Parser, Debug, Clone, Serialize, Deserialize)]
+#[command(name = "vllm-sim", about = "Simulated vLLM worker for tests and demos")]
+struct Args {
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    #[serde(skip)]
+    host: String,
+    /// Port to bind (0 = any free port; the chosen port is printed as `LISTENING <port>`).
+    #[arg(long, default_value_t = 0)]
+    #[serde(skip)]
+    port: u16,
+    #[command(flatten)]
+    #[serde(flatten)]
+    knobs: Knobs,
+}
+
+/// Behaviour knobs, settable by flags and `POST /sim/config`.
+#[derive(clap::Args, Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+struct Knobs {
+    /// Name reported in `x-vllm-sim-worker` and `system_fingerprint`.
+    #[arg(long, default_value = "sim")]
+    worker_id: String,
+    /// Model name served.
+    #[arg(long, default_value = "sim-model")]
+    model: String,
+    /// Output tokens when the request gives no `max_tokens`.
+    #[arg(long, default_value_t = 16)]
+    output_tokens: u32,
+    /// Delay before the first token, ms.
+    #[arg(long, default_value_t = 0)]
+    ttft_ms: u64,
+    /// Delay between tokens, ms.
+    #[arg(long, default_value_t = 0)]
+    token_delay_ms: u64,
+    /// Answer every generation request with this status (0 = behave normally).
+    #[arg(long, default_value_t = 0)]
+    fail_status: u16,
+    /// Answer `/health` with 503 when true.
+    #[arg(long, default_value_t = false)]
+    unhealthy: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            worker_id: "sim".into(),
+            model: "sim-model".into(),
+            output_tokens: 16,
+            ttft_ms: 0,
+            token_delay_ms: 0,
+            fail_status: 0,
+            unhealthy: false,
+        }
+    }
+}
+
+#[derive(Serialize, Clone)]
+struct Recorded {
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Value,
+}
+
+struct Sim {
+    knobs: Mutex<Knobs>,
+    recent: Mutex<VecDeque<Recorded>>,
+    running: AtomicU64,
+    served: AtomicU64,
+    next_id: AtomicU64,
+}
+
+type St = State<Arc<Sim>>;
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn err(status: StatusCode, msg: &str) -> Response {
+    let body = json!({"object": "error", "message": msg, "type": "BadRequestError", "param": null, "code": status.as_u16()});
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn health(State(s): St) -> Response {
+    if s.knobs.lock().unhealthy { StatusCode::SERVICE_UNAVAILABLE.into_response() } else { StatusCode::OK.into_response() }
+}
+
+async fn models(State(s): St) -> Response {
+    let k = s.knobs.lock().clone();
+    axum::Json(json!({"object": "list", "data": [{
+        "id": k.model, "object": "model", "created": now(), "owned_by": "vllm", "root": k.model,
+        "parent": null, "max_model_len": 4096, "permission": []}]}))
+    .into_response()
+}
+
+async fn metrics(State(s): St) -> Response {
+    let k = s.knobs.lock().clone();
+    let running = s.running.load(Ordering::Relaxed);
+    let text = format!(
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
+         # TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"{m}\"}} {running}\n\
+         # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+         # TYPE vllm:num_requests_waiting gauge\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"{m}\"}} 0\n\
+         # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\n\
+         vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"{m}\"}} 0.0\n\
+         # HELP vllm:request_success_total Count of successfully processed requests.\n\
+         # TYPE vllm:request_success_total counter\n\
+         vllm:request_success_total{{engine=\"0\",model_name=\"{m}\"}} {served}\n",
+        m = k.model,
+        served = s.served.load(Ordering::Relaxed)
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+async fn set_config(State(s): St, body: Bytes) -> Response {
+    let cur = serde_json::to_value(&*s.knobs.lock()).unwrap();
+    let mut merged = cur;
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(patch)) => {
+            for (k, v) in patch {
+                merged[k] = v;
+            }
+        }
+        _ => return err(StatusCode::BAD_REQUEST, "expected a JSON object"),
+    }
+    match serde_json::from_value::<Knobs>(merged) {
+        Ok(k) => {
+            *s.knobs.lock() = k.clone();
+            axum::Json(k).into_response()
+        }
+        Err(e) => err(StatusCode::BAD_REQUEST, &e.to_string()),
+    }
+}
+
+async fn recent(State(s): St) -> Response {
+    let v: Vec<Recorded> = s.recent.lock().iter().cloned().collect();
+    axum::Json(v).into_response()
+}
+
+async fn clear_recent(State(s): St) -> Response {
+    s.recent.lock().clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Whitespace tokens of the prompt (the simulator's tokenizer).
+fn prompt_tokens(body: &Value) -> u32 {
+    let mut n = 0usize;
+    if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
+        for m in msgs {
+            match m.get("content") {
+                Some(Value::String(s)) => n += s.split_whitespace().count() + 1,
+                Some(Value::Array(parts)) => {
+                    for p in parts {
+                        n += p.get("text").and_then(Value::as_str).map(|t| t.split_whitespace().count()).unwrap_or(0);
+                    }
+                }
+                _ => n += 1,
+            }
+        }
+    } else if let Some(p) = body.get("prompt") {
+        n = match p {
+            Value::String(s) => s.split_whitespace().count(),
+            Value::Array(a) => a.len(),
+            _ => 0,
+        };
+    }
+    n.max(1) as u32
+}
+
+async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let path = uri.path().to_string();
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return err(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
+    };
+    {
+        let mut r = s.recent.lock();
+        if r.len() >= 256 {
+            r.pop_front();
+        }
+        r.push_back(Recorded {
+            path: path.clone(),
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect(),
+            body: body.clone(),
+        });
+    }
+    let k = s.knobs.lock().clone();
+    let forced = headers.get("x-sim-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u16>().ok());
+    let status = forced.or(if k.fail_status != 0 { Some(k.fail_status) } else { None });
+    if let Some(code) = status {
+        let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if code != StatusCode::OK {
+            let mut r = err(code, &format!("simulated failure {} from {}", code.as_u16(), k.worker_id));
+            r.headers_mut().insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+            return r;
+        }
+    }
+    if body.get("model").and_then(Value::as_str).is_none() {
+        return err(StatusCode::BAD_REQUEST, "field required: model");
+    }
+    let chat = path.ends_with("/chat/completions");
+    let max_tokens = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map(|v| v as u32)
+        .unwrap_or(k.output_tokens);
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let model = body["model"].as_str().unwrap_or(&k.model).to_string();
+    let ptoks = prompt_tokens(&body);
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = if chat { format!("chatcmpl-{}-{n}", k.worker_id) } else { format!("cmpl-{}-{n}", k.worker_id) };
+    let created = now();
+    let usage = json!({"prompt_tokens": ptoks, "total_tokens": ptoks + max_tokens, "completion_tokens": max_tokens, "prompt_tokens_details": null});
+    let worker = k.worker_id.clone();
+    s.running.fetch_add(1, Ordering::Relaxed);
+
+    if !stream {
+        let total = k.ttft_ms + k.token_delay_ms * max_tokens as u64;
+        if total > 0 {
+            tokio::time::sleep(Duration::from_millis(total)).await;
+        }
+        let text: String = (0..max_tokens).map(|i| format!("tok{i} ")).collect();
+        let out = if chat {
+            json!({"id": id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "reasoning_content": null, "content": text, "tool_calls": []},
+                    "logprobs": null, "finish_reason": "length", "stop_reason": null}],
+                "usage": usage, "prompt_logprobs": null, "system_fingerprint": worker, "kv_transfer_params": null})
+        } else {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length", "stop_reason": null, "prompt_logprobs": null}],
+                "usage": usage, "system_fingerprint": worker, "kv_transfer_params": null})
+        };
+        s.running.fetch_sub(1, Ordering::Relaxed);
+        s.served.fetch_add(1, Ordering::Relaxed);
+        let mut r = axum::Json(out).into_response();
+        r.headers_mut().insert("x-vllm-sim-worker", worker.parse().unwrap());
+        return r;
+    }
+
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    let sim = s.clone();
+    tokio::spawn(async move {
+        let send = |v: Value| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await.is_ok() }
+        };
+        if k.ttft_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(k.ttft_ms)).await;
+        }
+        let mut ok = true;
+        if chat {
+            ok &= send(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": worker,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})).await;
+        }
+        for i in 0..max_tokens {
+            if !ok {
+                break;
+            }
+            if i > 0 && k.token_delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(k.token_delay_ms)).await;
+            }
+            let last = i + 1 == max_tokens;
+            let fin = if last { json!("length") } else { Value::Null };
+            let v = if chat {
+                json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": worker,
+                    "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "logprobs": null, "finish_reason": fin}]})
+            } else {
+                json!({"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": worker,
+                    "choices": [{"index": 0, "text": format!("tok{i} "), "logprobs": null, "finish_reason": fin, "stop_reason": null}]})
+            };
+            ok &= send(v).await;
+        }
+        if ok && include_usage {
+            let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
+            ok &= send(json!({"id": id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})).await;
+        }
+        if ok {
+            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+        }
+        sim.running.fetch_sub(1, Ordering::Relaxed);
+        sim.served.fetch_add(1, Ordering::Relaxed);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(header::CONTENT_TYPE, "text/event-stream; charset=utf-8".parse().unwrap());
+    r.headers_mut().insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+    r
+}
+
+async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return err(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
+    };
+    let _ = headers;
+    let k = s.knobs.lock().clone();
+    let out = json!({"id": "embd-sim", "object": "list", "created": now(), "model": body.get("model").cloned().unwrap_or(json!(k.model)),
+        "data": [{"index": 0, "object": "embedding", "embedding": [0.1, 0.2, 0.3, 0.4]}],
+        "usage": {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0, "prompt_tokens_details": null}});
+    let mut r = axum::Json(out).into_response();
+    r.headers_mut().insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+    r
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let sim = Arc::new(Sim {
+        knobs: Mutex::new(args.knobs.clone()),
+        recent: Mutex::new(VecDeque::new()),
+        running: AtomicU64::new(0),
+        served: AtomicU64::new(0),
+        next_id: AtomicU64::new(0),
+    });
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/sim/config", post(set_config))
+        .route("/sim/requests", get(recent).delete(clear_recent))
+        .route("/v1/embeddings", post(embeddings))
+        .fallback(generate)
+        .with_state(sim);
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+    let port = listener.local_addr()?.port();
+    println!("LISTENING {port}");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    axum::serve(listener, app).await?;
+    Ok(())
+}

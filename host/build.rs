@@ -21,14 +21,28 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
     let target_root = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|p| if p.is_absolute() { p } else { workspace.join(p) })
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                workspace.join(p)
+            }
+        })
         .unwrap_or_else(|| workspace.join("target"));
     let policy_target = target_root.join("policy-wasm");
 
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&workspace)
-        .args(["build", "--locked", "--target", "wasm32-wasip2", "--profile", "policy", "--target-dir"])
+        .args([
+            "build",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "--profile",
+            "policy",
+            "--target-dir",
+        ])
         .arg(&policy_target);
     for (krate, _) in POLICIES {
         cmd.args(["-p", krate]);
@@ -37,12 +51,17 @@ fn main() {
     for (k, _) in std::env::vars_os() {
         let k = k.to_string_lossy().to_string();
         if (k.starts_with("CARGO_") && k != "CARGO_HOME")
-            || matches!(k.as_str(), "RUSTFLAGS" | "RUSTC" | "RUSTDOC" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER")
+            || matches!(
+                k.as_str(),
+                "RUSTFLAGS" | "RUSTC" | "RUSTDOC" | "RUSTC_WRAPPER" | "RUSTC_WORKSPACE_WRAPPER"
+            )
         {
             cmd.env_remove(&k);
         }
     }
-    let status = cmd.status().expect("failed to run cargo for the built-in policies");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the built-in policies");
     if !status.success() {
         panic!(
             "building the built-in policies for wasm32-wasip2 failed (see above). \
@@ -52,7 +71,14 @@ fn main() {
     let out = policy_target.join("wasm32-wasip2").join("policy");
     for (_, stem) in POLICIES {
         let f = out.join(format!("{stem}.wasm"));
-        assert!(f.exists(), "expected {} after the policy build", f.display());
+        assert!(
+            f.exists(),
+            "expected {} after the policy build",
+            f.display()
+        );
     }
-    println!("cargo:rustc-env=VLLM_ROUTER_POLICY_WASM_DIR={}", out.display());
+    println!(
+        "cargo:rustc-env=VLLM_ROUTER_POLICY_WASM_DIR={}",
+        out.display()
+    );
 }

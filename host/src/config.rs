@@ -131,10 +131,13 @@ impl Args {
             return Err("no workers: give at least one --worker-urls URL".into());
         }
         for u in &self.worker_urls {
-            let uri: http::Uri =
-                u.parse().map_err(|e| format!("--worker-urls: '{u}' is not a URL: {e}"))?;
+            let uri: http::Uri = u
+                .parse()
+                .map_err(|e| format!("--worker-urls: '{u}' is not a URL: {e}"))?;
             if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(format!("--worker-urls: '{u}' must look like http://host:port"));
+                return Err(format!(
+                    "--worker-urls: '{u}' must look like http://host:port"
+                ));
             }
         }
         if self.retry_max_retries == 0 {
@@ -162,6 +165,10 @@ impl Args {
 
     /// Attempts per request after `--disable-retries`.
     pub fn attempts(&self) -> u32 {
-        if self.disable_retries { 1 } else { self.retry_max_retries }
+        if self.disable_retries {
+            1
+        } else {
+            self.retry_max_retries
+        }
     }
 }

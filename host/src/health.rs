@@ -31,7 +31,9 @@ type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
 
 async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
     let uri = format!("{}{}", w.url, cfg.endpoint);
-    let Ok(uri) = uri.parse::<http::Uri>() else { return false };
+    let Ok(uri) = uri.parse::<http::Uri>() else {
+        return false;
+    };
     matches!(tokio::time::timeout(cfg.timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
 }
 
@@ -51,18 +53,27 @@ pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metric
             last_full = Instant::now();
         }
         let set = registry.snapshot();
-        let due: Vec<Arc<Worker>> = set.workers.iter().filter(|w| full || !w.is_healthy()).cloned().collect();
+        let due: Vec<Arc<Worker>> = set
+            .workers
+            .iter()
+            .filter(|w| full || !w.is_healthy())
+            .cloned()
+            .collect();
         if due.is_empty() {
             continue;
         }
-        let results = futures_util::future::join_all(due.iter().map(|w| probe(&client, w, &cfg))).await;
+        let results =
+            futures_util::future::join_all(due.iter().map(|w| probe(&client, w, &cfg))).await;
         for (w, ok) in due.iter().zip(results) {
             if ok {
                 if w.record_success(cfg.success_threshold) {
                     tracing::info!(worker = %w.name(), "worker healthy again");
                 }
             } else {
-                metrics.upstream_errors.with_label_values(&[&w.url, "health_check"]).inc();
+                metrics
+                    .upstream_errors
+                    .with_label_values(&[&w.url, "health_check"])
+                    .inc();
                 if w.record_failure(false, cfg.failure_threshold) {
                     tracing::warn!(worker = %w.name(), "worker marked unhealthy: {} failed health checks", cfg.failure_threshold);
                 }
@@ -78,7 +89,8 @@ pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
     http.set_connect_timeout(Some(cfg.timeout));
     let client: ProbeClient = Client::builder(TokioExecutor::new()).build(http);
     let set = registry.snapshot();
-    let results = futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;
+    let results =
+        futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;
     for (w, ok) in set.workers.iter().zip(&results) {
         if !ok {
             w.record_failure(true, 1);

@@ -15,10 +15,15 @@ use vllm_router::workers::Registry;
 use vllm_router_sdk::Role;
 
 fn export_policy(spec: &str) -> anyhow::Result<()> {
-    let (name, path) = spec
-        .split_once('=')
-        .ok_or_else(|| anyhow::anyhow!("--export-policy takes NAME=PATH, e.g. round_robin=./round_robin.wasm"))?;
-    let b = builtin::find(name).ok_or_else(|| anyhow::anyhow!("unknown policy '{name}'; built-in policies: {}", builtin::names()))?;
+    let (name, path) = spec.split_once('=').ok_or_else(|| {
+        anyhow::anyhow!("--export-policy takes NAME=PATH, e.g. round_robin=./round_robin.wasm")
+    })?;
+    let b = builtin::find(name).ok_or_else(|| {
+        anyhow::anyhow!(
+            "unknown policy '{name}'; built-in policies: {}",
+            builtin::names()
+        )
+    })?;
     std::fs::write(path, b.wasm)?;
     println!("wrote {} ({} bytes) to {path}", b.name, b.wasm.len());
     Ok(())
@@ -26,7 +31,8 @@ fn export_policy(spec: &str) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = ctrl_c => {},
         _ = term.recv() => {},
@@ -39,7 +45,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|e| anyhow::anyhow!("--log-level '{}': {e}", args.log_level))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     if let Some(spec) = &args.export_policy {
         return export_policy(spec);
     }
@@ -47,18 +57,28 @@ fn main() -> anyhow::Result<()> {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args))
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let engine = PolicyEngine::new(args.policy_timeout_ms, args.policy_max_memory_mb)?;
-    let version = policy::load_initial(&engine, &args.policy, args.policy_wasm.as_deref(), &args.policy_config)?;
+    let version = policy::load_initial(
+        &engine,
+        &args.policy,
+        args.policy_wasm.as_deref(),
+        &args.policy_config,
+    )?;
     tracing::info!(policy = %version.label, source = %version.source, "policy loaded in {:?}", t0.elapsed());
 
     let registry = Arc::new(Registry::default());
     for url in &args.worker_urls {
-        registry.add(url, Role::Regular, 1).map_err(anyhow::Error::msg)?;
+        registry
+            .add(url, Role::Regular, 1)
+            .map_err(anyhow::Error::msg)?;
     }
     let metrics = Arc::new(Metrics::new());
     let hcfg = HealthConfig {
@@ -112,10 +132,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let reg = reg.clone();
             async move {
                 for w in &reg.snapshot().workers {
-                    m.worker_in_flight.with_label_values(&[&w.name()]).set(w.in_flight() as i64);
-                    m.worker_health.with_label_values(&[&w.name()]).set(w.is_healthy() as i64);
+                    m.worker_in_flight
+                        .with_label_values(&[&w.name()])
+                        .set(w.in_flight() as i64);
+                    m.worker_health
+                        .with_label_values(&[&w.name()])
+                        .set(w.is_healthy() as i64);
                 }
-                ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render())
+                (
+                    [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    m.render(),
+                )
             }
         });
         tokio::spawn(async move { axum::serve(listener, metrics_app).await });
@@ -135,7 +162,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vllm_router::server::healthy_count(&state, Role::Regular),
         t0.elapsed()
     );
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     tracing::info!("stopped");
     Ok(())
 }

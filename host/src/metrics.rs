@@ -12,8 +12,9 @@ const DURATION_BUCKETS: &[f64] = &[
     30.0, 60.0, 120.0, 240.0,
 ];
 /// Policy decision buckets in seconds, from 1 µs to 10 ms.
-const DECISION_BUCKETS: &[f64] =
-    &[0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01];
+const DECISION_BUCKETS: &[f64] = &[
+    0.000001, 0.0000025, 0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01,
+];
 
 /// All router metrics.
 pub struct Metrics {
@@ -51,8 +52,18 @@ fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterV
     c
 }
 
-fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric");
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric");
     r.register(Box::new(h.clone())).expect("unique metric");
     h
 }
@@ -68,18 +79,81 @@ impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
         Metrics {
-            requests: counter(&r, "vllm_router_requests_total", "Requests by route and final HTTP status.", &["route", "status"]),
-            request_seconds: histogram(&r, "vllm_router_request_duration_seconds", "End-to-end request duration to the end of the response body.", &["route"], DURATION_BUCKETS),
-            ttfb_seconds: histogram(&r, "vllm_router_time_to_first_byte_seconds", "Time to the first response byte of streamed responses.", &["route"], DURATION_BUCKETS),
-            request_errors: counter(&r, "vllm_router_request_errors_total", "Router-side request errors by route and kind.", &["route", "error_type"]),
-            retries: counter(&r, "vllm_router_retries_total", "Attempts after the first, by route.", &["route"]),
-            upstream_errors: counter(&r, "vllm_router_upstream_errors_total", "Upstream failures by worker and kind.", &["worker", "kind"]),
-            worker_in_flight: gauge(&r, "vllm_router_worker_in_flight", "Requests in flight per worker (until the end of the response stream).", &["worker"]),
-            worker_health: gauge(&r, "vllm_router_worker_health", "1 when the worker is healthy, else 0.", &["worker"]),
-            worker_requests: counter(&r, "vllm_router_worker_requests_total", "Requests routed per worker and policy slot.", &["worker", "slot"]),
-            policy_decision_seconds: histogram(&r, "vllm_router_policy_decision_duration_seconds", "Duration of one policy select call, WebAssembly call included.", &["slot", "version"], DECISION_BUCKETS),
-            policy_failures: counter(&r, "vllm_router_policy_failures_total", "Policy faults (trap, timeout, out_of_memory, bad_answer, declined, init).", &["slot", "version", "kind"]),
-            policy_fallbacks: counter(&r, "vllm_router_policy_fallbacks_total", "Requests routed by the fallback because the policy failed.", &["slot"]),
+            requests: counter(
+                &r,
+                "vllm_router_requests_total",
+                "Requests by route and final HTTP status.",
+                &["route", "status"],
+            ),
+            request_seconds: histogram(
+                &r,
+                "vllm_router_request_duration_seconds",
+                "End-to-end request duration to the end of the response body.",
+                &["route"],
+                DURATION_BUCKETS,
+            ),
+            ttfb_seconds: histogram(
+                &r,
+                "vllm_router_time_to_first_byte_seconds",
+                "Time to the first response byte of streamed responses.",
+                &["route"],
+                DURATION_BUCKETS,
+            ),
+            request_errors: counter(
+                &r,
+                "vllm_router_request_errors_total",
+                "Router-side request errors by route and kind.",
+                &["route", "error_type"],
+            ),
+            retries: counter(
+                &r,
+                "vllm_router_retries_total",
+                "Attempts after the first, by route.",
+                &["route"],
+            ),
+            upstream_errors: counter(
+                &r,
+                "vllm_router_upstream_errors_total",
+                "Upstream failures by worker and kind.",
+                &["worker", "kind"],
+            ),
+            worker_in_flight: gauge(
+                &r,
+                "vllm_router_worker_in_flight",
+                "Requests in flight per worker (until the end of the response stream).",
+                &["worker"],
+            ),
+            worker_health: gauge(
+                &r,
+                "vllm_router_worker_health",
+                "1 when the worker is healthy, else 0.",
+                &["worker"],
+            ),
+            worker_requests: counter(
+                &r,
+                "vllm_router_worker_requests_total",
+                "Requests routed per worker and policy slot.",
+                &["worker", "slot"],
+            ),
+            policy_decision_seconds: histogram(
+                &r,
+                "vllm_router_policy_decision_duration_seconds",
+                "Duration of one policy select call, WebAssembly call included.",
+                &["slot", "version"],
+                DECISION_BUCKETS,
+            ),
+            policy_failures: counter(
+                &r,
+                "vllm_router_policy_failures_total",
+                "Policy faults (trap, timeout, out_of_memory, bad_answer, declined, init).",
+                &["slot", "version", "kind"],
+            ),
+            policy_fallbacks: counter(
+                &r,
+                "vllm_router_policy_fallbacks_total",
+                "Requests routed by the fallback because the policy failed.",
+                &["slot"],
+            ),
             registry: r,
         }
     }
@@ -87,7 +161,9 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encode metrics");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encode metrics");
         String::from_utf8(buf).expect("utf-8 metrics")
     }
 }

@@ -58,8 +58,13 @@ impl RetryConfig {
     /// Backoff before retry number `k` (0-based): `min(initial × multiplier^k, max)`
     /// ± jitter, in ms.
     pub fn backoff(&self, k: u32) -> Duration {
-        let base = (self.initial_backoff_ms as f64 * self.multiplier.powi(k as i32)).min(self.max_backoff_ms as f64);
-        let j = if self.jitter > 0.0 { rand::random_range(-self.jitter..=self.jitter) } else { 0.0 };
+        let base = (self.initial_backoff_ms as f64 * self.multiplier.powi(k as i32))
+            .min(self.max_backoff_ms as f64);
+        let j = if self.jitter > 0.0 {
+            rand::random_range(-self.jitter..=self.jitter)
+        } else {
+            0.0
+        };
         Duration::from_millis((base * (1.0 + j)).max(0.0) as u64)
     }
 }
@@ -100,7 +105,9 @@ const HOP_BY_HOP: &[HeaderName] = &[
 ];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(name) || name.as_str() == "keep-alive" || name.as_str() == "proxy-connection"
+    HOP_BY_HOP.contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Why an attempt produced no usable response.
@@ -122,19 +129,35 @@ impl Proxy {
     fn pick(&self, sel: &Selector, req: &Arc<RequestInfo>, exclude: &[u32]) -> Option<Choice> {
         let set = self.registry.snapshot();
         match sel {
-            Selector::Policy => policy::choose(&self.slot, req, Stage::Regular, Role::Regular, &set, exclude, &self.metrics),
+            Selector::Policy => policy::choose(
+                &self.slot,
+                req,
+                Stage::Regular,
+                Role::Regular,
+                &set,
+                exclude,
+                &self.metrics,
+            ),
             Selector::LeastLoaded => {
                 let cands = policy::candidates(&set, Role::Regular, exclude);
                 if cands.is_empty() {
                     return None;
                 }
                 let id = policy::fallback_choice(&cands);
-                Some(Choice { worker: set.get(id)?.clone(), version: self.slot.current(), fallback: true })
+                Some(Choice {
+                    worker: set.get(id)?.clone(),
+                    version: self.slot.current(),
+                    fallback: true,
+                })
             }
         }
     }
 
-    async fn send(&self, req: &RequestInfo, worker: &Worker) -> Result<Response<Incoming>, AttemptError> {
+    async fn send(
+        &self,
+        req: &RequestInfo,
+        worker: &Worker,
+    ) -> Result<Response<Incoming>, AttemptError> {
         let uri = http::Uri::builder()
             .scheme("http")
             .authority(worker.authority.clone())
@@ -151,7 +174,10 @@ impl Proxy {
             headers.insert(HeaderName::from_static("x-request-id"), v);
         }
         if let Some(rank) = worker.dp_rank {
-            headers.insert(HeaderName::from_static("x-data-parallel-rank"), HeaderValue::from(rank));
+            headers.insert(
+                HeaderName::from_static("x-data-parallel-rank"),
+                HeaderValue::from(rank),
+            );
         }
         let mut up = http::Request::new(Full::new(req.body.clone()));
         *up.method_mut() = req.method.clone();
@@ -194,7 +220,10 @@ impl Proxy {
                     let status = resp.status();
                     let more_left = attempt + 1 < self.retry.attempts;
                     if status.is_server_error() {
-                        self.metrics.upstream_errors.with_label_values(&[&worker.url, "status_5xx"]).inc();
+                        self.metrics
+                            .upstream_errors
+                            .with_label_values(&[&worker.url, "status_5xx"])
+                            .inc();
                         if worker.record_failure(false, self.failure_threshold) {
                             tracing::warn!(worker = %worker.name(), "worker marked unhealthy after repeated 5xx");
                         }
@@ -207,7 +236,10 @@ impl Proxy {
                         last_err = None;
                         continue;
                     }
-                    self.metrics.worker_requests.with_label_values(&[&worker.url, &self.slot.name]).inc();
+                    self.metrics
+                        .worker_requests
+                        .with_label_values(&[&worker.url, &self.slot.name])
+                        .inc();
                     return self.respond(req, resp, choice, guard, started, sent);
                 }
                 Err(err) => {
@@ -215,31 +247,59 @@ impl Proxy {
                     self.feedback(&choice, 0, sent, None);
                     let (kind, msg) = match &err {
                         AttemptError::Connect(m) => ("connect", m.clone()),
-                        AttemptError::Timeout => ("timeout", format!("no response within {}s", self.request_timeout.as_secs())),
+                        AttemptError::Timeout => (
+                            "timeout",
+                            format!("no response within {}s", self.request_timeout.as_secs()),
+                        ),
                         AttemptError::Other(m) => ("transport", m.clone()),
                     };
-                    self.metrics.upstream_errors.with_label_values(&[&worker.url, kind]).inc();
+                    self.metrics
+                        .upstream_errors
+                        .with_label_values(&[&worker.url, kind])
+                        .inc();
                     let hard = matches!(err, AttemptError::Connect(_));
                     if worker.record_failure(hard, self.failure_threshold) {
                         tracing::warn!(worker = %worker.name(), "worker marked unhealthy: {kind} error: {msg}");
                     }
                     if matches!(err, AttemptError::Timeout) {
-                        last_err = Some(ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", "upstream_timeout",
-                            format!("worker {} did not answer within {}s", worker.url, self.request_timeout.as_secs())));
+                        last_err = Some(ApiError::new(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "timeout",
+                            "upstream_timeout",
+                            format!(
+                                "worker {} did not answer within {}s",
+                                worker.url,
+                                self.request_timeout.as_secs()
+                            ),
+                        ));
                         break;
                     }
-                    last_err = Some(ApiError::new(StatusCode::BAD_GATEWAY, "upstream_error", "upstream_unreachable",
-                        format!("worker {} failed: {msg}", worker.url)));
+                    last_err = Some(ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        "upstream_unreachable",
+                        format!("worker {} failed: {msg}", worker.url),
+                    ));
                 }
             }
         }
         let err = match last_err {
-            Some(e) if !tried.is_empty() && policy::candidates(&self.registry.snapshot(), Role::Regular, &[]).is_empty() => {
-                ApiError::no_workers(format!("no healthy workers available (last error: {})", e.message))
+            Some(e)
+                if !tried.is_empty()
+                    && policy::candidates(&self.registry.snapshot(), Role::Regular, &[])
+                        .is_empty() =>
+            {
+                ApiError::no_workers(format!(
+                    "no healthy workers available (last error: {})",
+                    e.message
+                ))
             }
             Some(e) => e,
             None if tried.is_empty() => ApiError::no_workers("no healthy workers available"),
-            None => ApiError::no_workers(format!("all {} attempts failed with retryable statuses", tried.len())),
+            None => ApiError::no_workers(format!(
+                "all {} attempts failed with retryable statuses",
+                tried.len()
+            )),
         };
         self.finish_error(route, &err, started);
         let mut resp = axum::response::IntoResponse::into_response(err);
@@ -249,9 +309,18 @@ impl Proxy {
 
     /// Count a router-side error response.
     pub fn finish_error(&self, route: &'static str, err: &ApiError, started: Instant) {
-        self.metrics.request_errors.with_label_values(&[route, err.code]).inc();
-        self.metrics.requests.with_label_values(&[route, err.status.as_str()]).inc();
-        self.metrics.request_seconds.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .request_errors
+            .with_label_values(&[route, err.code])
+            .inc();
+        self.metrics
+            .requests
+            .with_label_values(&[route, err.status.as_str()])
+            .inc();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[route])
+            .observe(started.elapsed().as_secs_f64());
     }
 
     fn feedback(&self, choice: &Choice, status: u16, sent: Instant, first_byte: Option<Duration>) {
@@ -268,7 +337,15 @@ impl Proxy {
         let _ = choice.version.complete(&self.registry.snapshot(), done);
     }
 
-    fn respond(self: &Arc<Self>, req: Arc<RequestInfo>, resp: Response<Incoming>, choice: Choice, guard: InFlight, started: Instant, sent: Instant) -> Response<Body> {
+    fn respond(
+        self: &Arc<Self>,
+        req: Arc<RequestInfo>,
+        resp: Response<Incoming>,
+        choice: Choice,
+        guard: InFlight,
+        started: Instant,
+        sent: Instant,
+    ) -> Response<Body> {
         let (parts, body) = resp.into_parts();
         let sse = parts
             .headers
@@ -285,8 +362,20 @@ impl Proxy {
         set_request_id(headers, &req.request_id);
         let tracked = TrackedBody {
             inner: body,
-            done: Some(Done { proxy: self.clone(), route: route_label(&req.path), status: parts.status, choice, _guard: guard, started, sent, first_byte: None, sse }),
-            deadline: Box::pin(tokio::time::sleep_until((started + self.request_timeout).into())),
+            done: Some(Done {
+                proxy: self.clone(),
+                route: route_label(&req.path),
+                status: parts.status,
+                choice,
+                _guard: guard,
+                started,
+                sent,
+                first_byte: None,
+                sse,
+            }),
+            deadline: Box::pin(tokio::time::sleep_until(
+                (started + self.request_timeout).into(),
+            )),
             trailer: None,
         };
         out.body(Body::new(tracked)).expect("valid response")
@@ -316,12 +405,23 @@ struct Done {
 impl Done {
     fn finish(self) {
         let m = &self.proxy.metrics;
-        m.requests.with_label_values(&[self.route, self.status.as_str()]).inc();
-        m.request_seconds.with_label_values(&[self.route]).observe(self.started.elapsed().as_secs_f64());
+        m.requests
+            .with_label_values(&[self.route, self.status.as_str()])
+            .inc();
+        m.request_seconds
+            .with_label_values(&[self.route])
+            .observe(self.started.elapsed().as_secs_f64());
         if let (true, Some(fb)) = (self.sse, self.first_byte) {
-            m.ttfb_seconds.with_label_values(&[self.route]).observe(fb.as_secs_f64());
+            m.ttfb_seconds
+                .with_label_values(&[self.route])
+                .observe(fb.as_secs_f64());
         }
-        self.proxy.feedback(&self.choice, self.status.as_u16(), self.sent, self.first_byte);
+        self.proxy.feedback(
+            &self.choice,
+            self.status.as_u16(),
+            self.sent,
+            self.first_byte,
+        );
         // `_guard` drops here: the worker's in-flight count falls at the end of the stream.
     }
 }
@@ -340,7 +440,11 @@ impl TrackedBody {
     fn fail(&mut self, why: &str) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let sse = self.done.as_ref().is_some_and(|d| d.sse);
         if let Some(d) = &self.done {
-            d.proxy.metrics.upstream_errors.with_label_values(&[&d.choice.worker.url, "stream"]).inc();
+            d.proxy
+                .metrics
+                .upstream_errors
+                .with_label_values(&[&d.choice.worker.url, "stream"])
+                .inc();
             tracing::warn!(worker = %d.choice.worker.name(), "response stream failed: {why}");
         }
         if let Some(d) = self.done.take() {
@@ -350,9 +454,13 @@ impl TrackedBody {
             // An SSE client gets a final error event rather than a bare truncation.
             let ev = serde_json::json!({"error": {"message": format!("upstream stream failed: {why}"), "type": "upstream_error", "code": "stream_interrupted"}});
             self.trailer = None;
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!("data: {ev}\n\n"))))));
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
+                "data: {ev}\n\n"
+            ))))));
         }
-        Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(why.to_string())))))
+        Poll::Ready(Some(Err(axum::Error::new(std::io::Error::other(
+            why.to_string(),
+        )))))
     }
 }
 
@@ -360,7 +468,10 @@ impl HttpBody for TrackedBody {
     type Data = Bytes;
     type Error = axum::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.done.is_none() {
             return Poll::Ready(None);
         }

@@ -94,7 +94,13 @@ impl RequestInfo {
     }
 
     /// A request without a JSON body (GET, or a body-less POST to a non-generation path).
-    pub fn raw(method: http::Method, path_and_query: String, path: String, headers: HeaderMap, body: Bytes) -> Self {
+    pub fn raw(
+        method: http::Method,
+        path_and_query: String,
+        path: String,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Self {
         RequestInfo {
             path,
             path_and_query,
@@ -116,7 +122,8 @@ impl RequestInfo {
 
     /// Routing text (see `vllm_router_sdk::routing::routing_text`), computed once.
     pub fn routing_text(&self) -> &str {
-        self.text.get_or_init(|| routing_text(&self.body, self.index()))
+        self.text
+            .get_or_init(|| routing_text(&self.body, self.index()))
     }
 
     /// A scalar body field by dotted path.

@@ -37,13 +37,22 @@ pub fn app(state: Arc<AppState>) -> Router {
 }
 
 async fn liveness() -> impl IntoResponse {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], r#"{"status":"alive"}"#)
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"alive"}"#,
+    )
 }
 
 fn counts(st: &AppState) -> (usize, usize, Vec<String>) {
     let set = st.proxy.registry.snapshot();
     let total = set.workers.len();
-    let unhealthy: Vec<String> = set.workers.iter().filter(|w| !w.is_healthy()).map(|w| w.name()).collect();
+    let unhealthy: Vec<String> = set
+        .workers
+        .iter()
+        .filter(|w| !w.is_healthy())
+        .map(|w| w.name())
+        .collect();
     (total - unhealthy.len(), total, unhealthy)
 }
 
@@ -58,7 +67,12 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
         _ => (StatusCode::OK, "degraded"),
     };
     let body = serde_json::json!({"status": status, "healthy_workers": healthy, "total_workers": total, "unhealthy_workers": unhealthy});
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// `/readiness`: 200 `{"status":"ready","healthy_workers":n,"total_workers":m}` when at
@@ -66,11 +80,22 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 async fn readiness(State(st): State<Arc<AppState>>) -> Response {
     let (healthy, total, _) = counts(&st);
     let (code, body) = if healthy > 0 {
-        (StatusCode::OK, serde_json::json!({"status": "ready", "healthy_workers": healthy, "total_workers": total}))
+        (
+            StatusCode::OK,
+            serde_json::json!({"status": "ready", "healthy_workers": healthy, "total_workers": total}),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"status": "not_ready", "reason": "no healthy workers available", "healthy_workers": 0, "total_workers": total}))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not_ready", "reason": "no healthy workers available", "healthy_workers": 0, "total_workers": total}),
+        )
     };
-    (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 /// `/list_workers`: `{"urls": [...]}` (vllm-project/router compatible).
@@ -109,10 +134,18 @@ fn request_id(st: &AppState, headers: &HeaderMap, path: &str) -> (String, bool) 
 }
 
 fn is_json_content_type(headers: &HeaderMap) -> bool {
-    match headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+    match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
         None => true,
         Some(ct) => {
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             mime == "application/json" || mime.ends_with("+json") || mime.is_empty()
         }
     }
@@ -123,7 +156,11 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let route = route_label(&path);
-    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| path.clone());
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| path.clone());
     let (rid, from_client) = request_id(&st, &parts.headers, &path);
     let fail = |e: ApiError| {
         st.proxy.finish_error(route, &e, started);
@@ -133,38 +170,86 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     };
 
     let too_large = || {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "payload_too_large",
-            format!("request body exceeds --max-payload-size ({} bytes)", st.max_payload))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "payload_too_large",
+            format!(
+                "request body exceeds --max-payload-size ({} bytes)",
+                st.max_payload
+            ),
+        )
     };
-    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > st.max_payload) {
         return fail(too_large());
     }
     let bytes = match axum::body::to_bytes(body, st.max_payload).await {
         Ok(b) => b,
         Err(e) => {
-            let over = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
                 || e.to_string().contains("length limit");
-            return fail(if over { too_large() } else { ApiError::bad_request("body_read_failed", format!("could not read request body: {e}")) });
+            return fail(if over {
+                too_large()
+            } else {
+                ApiError::bad_request(
+                    "body_read_failed",
+                    format!("could not read request body: {e}"),
+                )
+            });
         }
     };
 
     let generation = parts.method == Method::POST && !matches!(sel, Selector::LeastLoaded);
     let mut info = if generation {
         if !is_json_content_type(&parts.headers) {
-            return fail(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "unsupported_media_type",
-                "Content-Type must be application/json"));
+            return fail(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+                "Content-Type must be application/json",
+            ));
         }
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            return fail(ApiError::bad_request("empty_body", "request body is empty; expected a JSON object"));
+            return fail(ApiError::bad_request(
+                "empty_body",
+                "request body is empty; expected a JSON object",
+            ));
         }
-        match RequestInfo::from_json(parts.method.clone(), path_and_query, path.clone(), parts.headers, bytes) {
+        match RequestInfo::from_json(
+            parts.method.clone(),
+            path_and_query,
+            path.clone(),
+            parts.headers,
+            bytes,
+        ) {
             Ok(i) => i,
-            Err(BodyError::NotObject) => return fail(ApiError::bad_request("invalid_json", "request body must be a JSON object")),
-            Err(BodyError::Malformed(m)) => return fail(ApiError::bad_request("invalid_json", format!("request body is not valid JSON: {m}"))),
+            Err(BodyError::NotObject) => {
+                return fail(ApiError::bad_request(
+                    "invalid_json",
+                    "request body must be a JSON object",
+                ));
+            }
+            Err(BodyError::Malformed(m)) => {
+                return fail(ApiError::bad_request(
+                    "invalid_json",
+                    format!("request body is not valid JSON: {m}"),
+                ));
+            }
         }
     } else {
-        RequestInfo::raw(parts.method.clone(), path_and_query, path.clone(), parts.headers, bytes)
+        RequestInfo::raw(
+            parts.method.clone(),
+            path_and_query,
+            path.clone(),
+            parts.headers,
+            bytes,
+        )
     };
     info.request_id = rid;
     info.request_id_from_client = from_client;
@@ -174,5 +259,10 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
 
 /// Workers of a role that are healthy, for logs.
 pub fn healthy_count(st: &AppState, role: Role) -> usize {
-    st.proxy.registry.snapshot().with_role(role).filter(|w| w.is_healthy()).count()
+    st.proxy
+        .registry
+        .snapshot()
+        .with_role(role)
+        .filter(|w| w.is_healthy())
+        .count()
 }

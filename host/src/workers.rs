@@ -34,8 +34,13 @@ impl Worker {
     /// A worker for base URL `url` (must be `http://host:port[/]`).
     pub fn new(id: u32, url: &str, role: Role, dp_rank: Option<u32>) -> Result<Self, String> {
         let url = url.trim_end_matches('/').to_string();
-        let uri: http::Uri = url.parse().map_err(|e| format!("bad worker URL {url}: {e}"))?;
-        let authority = uri.authority().cloned().ok_or_else(|| format!("worker URL {url} has no host"))?;
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| format!("bad worker URL {url}: {e}"))?;
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("worker URL {url} has no host"))?;
         Ok(Worker {
             id,
             url,
@@ -130,7 +135,10 @@ pub struct WorkerSet {
 impl WorkerSet {
     /// Worker by id.
     pub fn get(&self, id: u32) -> Option<&Arc<Worker>> {
-        self.workers.binary_search_by_key(&id, |w| w.id).ok().map(|i| &self.workers[i])
+        self.workers
+            .binary_search_by_key(&id, |w| w.id)
+            .ok()
+            .map(|i| &self.workers[i])
     }
 
     /// Workers of a role.
@@ -164,11 +172,17 @@ impl Registry {
         let cur = self.snapshot();
         let mut workers = cur.workers.clone();
         let mut ids = Vec::new();
-        let ranks: Vec<Option<u32>> =
-            if dp_size > 1 { (0..dp_size).map(Some).collect() } else { vec![None] };
+        let ranks: Vec<Option<u32>> = if dp_size > 1 {
+            (0..dp_size).map(Some).collect()
+        } else {
+            vec![None]
+        };
         let base = url.trim_end_matches('/');
         for rank in ranks {
-            if let Some(w) = workers.iter().find(|w| w.url == base && w.dp_rank == rank && w.role == role) {
+            if let Some(w) = workers
+                .iter()
+                .find(|w| w.url == base && w.dp_rank == rank && w.role == role)
+            {
                 ids.push(w.id);
                 continue;
             }
@@ -184,7 +198,12 @@ impl Registry {
     pub fn remove(&self, url: &str) -> usize {
         let base = url.trim_end_matches('/');
         let cur = self.snapshot();
-        let workers: Vec<_> = cur.workers.iter().filter(|w| w.url != base).cloned().collect();
+        let workers: Vec<_> = cur
+            .workers
+            .iter()
+            .filter(|w| w.url != base)
+            .cloned()
+            .collect();
         let removed = cur.workers.len() - workers.len();
         if removed > 0 {
             self.publish(workers);
@@ -195,7 +214,10 @@ impl Registry {
     fn publish(&self, mut workers: Vec<Arc<Worker>>) {
         workers.sort_by_key(|w| w.id);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.set.store(Arc::new(WorkerSet { workers, generation }));
+        self.set.store(Arc::new(WorkerSet {
+            workers,
+            generation,
+        }));
     }
 }
 
@@ -212,7 +234,10 @@ mod tests {
         assert_eq!(s.workers[1].name(), "http://127.0.0.1:8000@1");
         assert_eq!(s.workers[0].authority.as_str(), "127.0.0.1:8000");
         // Re-adding keeps ids and state.
-        assert_eq!(r.add("http://127.0.0.1:8000", Role::Regular, 2).unwrap(), vec![0, 1]);
+        assert_eq!(
+            r.add("http://127.0.0.1:8000", Role::Regular, 2).unwrap(),
+            vec![0, 1]
+        );
         assert_eq!(r.remove("http://127.0.0.1:8000"), 2);
         assert!(r.snapshot().workers.is_empty());
         assert!(r.generation() >= 3);

@@ -1,9 +1,7 @@
 //! The component side (wasm32 only): wit-bindgen bindings for `wit/policy.wit` and the
 //! adapter that turns a [`Policy`] into the exported `balancer` interface.
 
-use crate::{
-    Candidate, Completion, Decision, EngineLoad, Policy, Request, Role, Stage, Worker,
-};
+use crate::{Candidate, Completion, Decision, EngineLoad, Policy, Request, Role, Stage, Worker};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 

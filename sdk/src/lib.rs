@@ -37,8 +37,8 @@ pub mod component;
 /// Re-exports a policy author needs.
 pub mod prelude {
     pub use crate::{
-        Candidate, Completion, Decision, EngineLoad, Level, Policy, Request, Role, Stage,
-        Worker, WorkerId, host,
+        Candidate, Completion, Decision, EngineLoad, Level, Policy, Request, Role, Stage, Worker,
+        WorkerId, host,
     };
 }
 

@@ -32,12 +32,17 @@ fn object_ranges(body: &[u8], base: usize) -> Option<Vec<(String, Range<usize>)>
 impl FieldIndex {
     /// Index the top level of `body`. A body that is not a JSON object gives an empty index.
     pub fn new(body: &[u8]) -> Self {
-        FieldIndex { fields: object_ranges(body, 0).unwrap_or_default() }
+        FieldIndex {
+            fields: object_ranges(body, 0).unwrap_or_default(),
+        }
     }
 
     /// Byte range of top-level field `name` in the body the index was built from.
     pub fn range(&self, name: &str) -> Option<Range<usize>> {
-        self.fields.iter().find(|(k, _)| k == name).map(|(_, r)| r.clone())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, r)| r.clone())
     }
 
     /// A scalar field by dotted path (`user`, `session_params.session_id`): strings
@@ -103,7 +108,9 @@ fn render_content(raw: &RawValue, out: &mut String) {
 /// Text parts of multi-part content are concatenated; images and tool calls are skipped.
 /// Stable: turn N+1's text starts with turn N's text, so prefix trees see the shared prefix.
 pub fn render_messages(raw: &[u8], out: &mut String) {
-    let Ok(msgs) = serde_json::from_slice::<Vec<Message<'_>>>(raw) else { return };
+    let Ok(msgs) = serde_json::from_slice::<Vec<Message<'_>>>(raw) else {
+        return;
+    };
     for m in msgs {
         out.push_str(m.role.as_deref().unwrap_or(""));
         out.push('\n');
@@ -169,8 +176,10 @@ pub fn routing_text(body: &[u8], index: &FieldIndex) -> String {
     let mut out = String::new();
     if let Some(r) = index.range("messages") {
         render_messages(&body[r], &mut out);
-    } else if let Some(r) =
-        index.range("prompt").or_else(|| index.range("input")).or_else(|| index.range("text"))
+    } else if let Some(r) = index
+        .range("prompt")
+        .or_else(|| index.range("input"))
+        .or_else(|| index.range("text"))
     {
         render_prompt(&body[r], &mut out);
     }
@@ -210,7 +219,10 @@ mod tests {
         let body = br#"{"prompt":"user: mallory","session_params":{"session_id":"s-1"},"user":"bob","n":3,"x":null}"#;
         let idx = FieldIndex::new(body);
         assert_eq!(idx.get(body, "user").as_deref(), Some("bob"));
-        assert_eq!(idx.get(body, "session_params.session_id").as_deref(), Some("s-1"));
+        assert_eq!(
+            idx.get(body, "session_params.session_id").as_deref(),
+            Some("s-1")
+        );
         assert_eq!(idx.get(body, "n").as_deref(), Some("3"));
         assert_eq!(idx.get(body, "x"), None);
         assert_eq!(idx.get(body, "session_params"), None);

@@ -17,7 +17,9 @@
 //! ```
 
 use crate::routing::{FieldIndex, routing_text};
-use crate::{Candidate, Completion, Decision, EngineLoad, Policy, Request, Role, Stage, Worker, WorkerId};
+use crate::{
+    Candidate, Completion, Decision, EngineLoad, Policy, Request, Role, Stage, Worker, WorkerId,
+};
 
 /// Seed the native `host::random` generator of the current thread (deterministic tests).
 pub fn seed_random(seed: u64) {
@@ -78,7 +80,8 @@ impl FakeRequest {
 
     /// Add a client header.
     pub fn with_header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_ascii_lowercase(), value.to_string()));
+        self.headers
+            .push((name.to_ascii_lowercase(), value.to_string()));
         self
     }
 
@@ -98,7 +101,10 @@ impl Request for FakeRequest {
     }
     fn header(&self, name: &str) -> Option<String> {
         let name = name.to_ascii_lowercase();
-        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone())
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
     }
     fn body_field(&self, path: &str) -> Option<String> {
         self.index.get(&self.body, path)
@@ -160,7 +166,10 @@ impl<P: Policy> Harness<P> {
     }
 
     fn pos(&self, id: WorkerId) -> usize {
-        self.workers.iter().position(|w| w.id == id).expect("unknown worker id")
+        self.workers
+            .iter()
+            .position(|w| w.id == id)
+            .expect("unknown worker id")
     }
 
     /// Replace the fleet (membership change) and tell the policy.
@@ -202,7 +211,11 @@ impl<P: Policy> Harness<P> {
             .iter()
             .enumerate()
             .filter(|(i, _)| self.healthy[*i])
-            .map(|(i, w)| Candidate { id: w.id, in_flight: self.in_flight[i], engine: self.engine[i] })
+            .map(|(i, w)| Candidate {
+                id: w.id,
+                in_flight: self.in_flight[i],
+                engine: self.engine[i],
+            })
             .collect()
     }
 

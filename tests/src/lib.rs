@@ -1,0 +1,188 @@
+//! Helpers for end-to-end tests and benches: start the real `vllm-router` binary and
+//! simulated vLLM workers (`vllm-sim`) on free 127.0.0.1 ports, and stop them (by PID,
+//! on drop) whatever happens in the test.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's built binaries (`target/<profile>`), found from the
+/// running test executable (`target/<profile>/deps/<test>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// Workspace root.
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of a built binary (`vllm-router`, `vllm-sim`); panics with a hint if missing.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --release --workspace` first",
+        p.display()
+    );
+    p
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process stopped (SIGKILL by PID, then reaped) when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    /// Port it serves on.
+    pub port: u16,
+    /// Extra port (the router's metrics port), 0 if none.
+    pub metrics_port: u16,
+}
+
+impl Proc {
+    /// Base URL, `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+    /// OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+    /// Stop it now (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    /// Send SIGTERM and wait up to `timeout` for exit; returns whether it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Start a simulated worker with extra flags; returns once it listens.
+pub fn start_sim(worker_id: &str, extra: &[&str]) -> Proc {
+    let mut child = Command::new(bin("vllm-sim"))
+        .args(["--port", "0", "--worker-id", worker_id])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn vllm-sim");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("sim stdout");
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected sim output {line:?}"));
+    Proc {
+        child: Some(child),
+        port,
+        metrics_port: 0,
+    }
+}
+
+/// Start `n` simulated workers named `w0..w{n-1}`.
+pub fn start_sims(n: usize, extra: &[&str]) -> Vec<Proc> {
+    (0..n).map(|i| start_sim(&format!("w{i}"), extra)).collect()
+}
+
+/// Start the router over `workers` with extra flags; returns once `/liveness` answers.
+pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
+    let port = free_port();
+    let metrics_port = free_port();
+    let mut cmd = Command::new(bin("vllm-router"));
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--prometheus-port",
+        &metrics_port.to_string(),
+        "--log-level",
+        "warn",
+    ]);
+    if !workers.is_empty() {
+        cmd.arg("--worker-urls").args(workers);
+    }
+    let child = cmd
+        .args(extra)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn vllm-router");
+    let mut p = Proc {
+        child: Some(child),
+        port,
+        metrics_port,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return p;
+        }
+        if let Some(c) = p.child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                panic!("vllm-router exited at startup: {status}");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router did not start within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Path of the example `least_inflight` policy component, built by the test command
+/// (`tests/run.sh`) with `--profile policy` into `target/policy-wasm`.
+pub fn example_policy_wasm() -> PathBuf {
+    let p =
+        workspace_root().join("target/policy-wasm/wasm32-wasip2/policy/least_inflight_policy.wasm");
+    assert!(
+        p.exists(),
+        "{} missing: build it with `cargo build -p least-inflight-policy --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm`",
+        p.display()
+    );
+    p
+}

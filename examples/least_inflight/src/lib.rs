@@ -31,7 +31,10 @@ impl Policy for LeastInFlight {
     fn select(&mut self, _req: &dyn Request, candidates: &[Candidate]) -> Decision {
         let min = candidates.iter().map(Candidate::load).min().unwrap_or(0);
         let tied = candidates.iter().filter(|c| c.load() == min);
-        let pick = tied.clone().find(|c| c.id > self.last).or_else(|| tied.clone().next());
+        let pick = tied
+            .clone()
+            .find(|c| c.id > self.last)
+            .or_else(|| tied.clone().next());
         match pick {
             Some(c) => {
                 self.last = c.id;

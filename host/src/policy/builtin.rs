@@ -16,14 +16,23 @@ macro_rules! builtin {
         Builtin {
             name: $name,
             about: $about,
-            wasm: include_bytes!(concat!(env!("VLLM_ROUTER_POLICY_WASM_DIR"), "/", $stem, ".wasm")),
+            wasm: include_bytes!(concat!(
+                env!("VLLM_ROUTER_POLICY_WASM_DIR"),
+                "/",
+                $stem,
+                ".wasm"
+            )),
         }
     };
 }
 
 /// All built-in policies.
 pub static BUILTINS: &[Builtin] = &[
-    builtin!("round_robin", "policy_round_robin", "next eligible worker in id order"),
+    builtin!(
+        "round_robin",
+        "policy_round_robin",
+        "next eligible worker in id order"
+    ),
     builtin!("random", "policy_random", "uniform random eligible worker"),
 ];
 
@@ -34,5 +43,9 @@ pub fn find(name: &str) -> Option<&'static Builtin> {
 
 /// Names of all built-ins, comma-separated (for error messages).
 pub fn names() -> String {
-    BUILTINS.iter().map(|b| b.name).collect::<Vec<_>>().join(", ")
+    BUILTINS
+        .iter()
+        .map(|b| b.name)
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -25,7 +25,10 @@ pub struct PolicySlot {
 impl PolicySlot {
     /// A slot serving `version`.
     pub fn new(name: &str, version: Arc<PolicyVersion>) -> Self {
-        PolicySlot { name: name.to_string(), current: ArcSwap::new(version) }
+        PolicySlot {
+            name: name.to_string(),
+            current: ArcSwap::new(version),
+        }
     }
 
     /// The version deciding now.
@@ -54,7 +57,11 @@ static FALLBACK_ROTATION: AtomicUsize = AtomicUsize::new(0);
 /// Fallback choice: fewest in-flight requests, ties broken by rotation.
 pub fn fallback_choice(candidates: &[Candidate]) -> u32 {
     let min = candidates.iter().map(|c| c.in_flight).min().unwrap_or(0);
-    let tied: Vec<u32> = candidates.iter().filter(|c| c.in_flight == min).map(|c| c.id).collect();
+    let tied: Vec<u32> = candidates
+        .iter()
+        .filter(|c| c.in_flight == min)
+        .map(|c| c.id)
+        .collect();
     tied[FALLBACK_ROTATION.fetch_add(1, Ordering::Relaxed) % tied.len()]
 }
 
@@ -63,7 +70,11 @@ pub fn candidates(set: &WorkerSet, role: Role, exclude: &[u32]) -> Vec<Candidate
     set.workers
         .iter()
         .filter(|w| w.role == role && w.is_healthy() && !exclude.contains(&w.id))
-        .map(|w| Candidate { id: w.id, in_flight: w.in_flight(), engine: None })
+        .map(|w| Candidate {
+            id: w.id,
+            in_flight: w.in_flight(),
+            engine: None,
+        })
         .collect()
 }
 
@@ -86,34 +97,60 @@ pub fn choose(
     let version = slot.current();
     let t0 = Instant::now();
     let result = version.select(req, stage, set, &cands);
-    metrics.policy_decision_seconds.with_label_values(&[slot.name.as_str(), &*version.label]).observe(t0.elapsed().as_secs_f64());
+    metrics
+        .policy_decision_seconds
+        .with_label_values(&[slot.name.as_str(), &*version.label])
+        .observe(t0.elapsed().as_secs_f64());
     let (id, fallback) = match result {
         Ok(id) => (id, false),
         Err(fault) => {
-            metrics.policy_failures.with_label_values(&[slot.name.as_str(), &*version.label, fault.kind()]).inc();
-            metrics.policy_fallbacks.with_label_values(&[&slot.name]).inc();
+            metrics
+                .policy_failures
+                .with_label_values(&[slot.name.as_str(), &*version.label, fault.kind()])
+                .inc();
+            metrics
+                .policy_fallbacks
+                .with_label_values(&[&slot.name])
+                .inc();
             tracing::warn!(slot = %slot.name, policy = %version.label, request_id = %req.request_id,
                 "policy failed ({fault}); routed by fallback (least in-flight)");
             (fallback_choice(&cands), true)
         }
     };
     let worker = set.get(id)?.clone();
-    Some(Choice { worker, version, fallback })
+    Some(Choice {
+        worker,
+        version,
+        fallback,
+    })
 }
 
 /// Load the policy named by the flags: a file (`--policy-wasm`) or a built-in.
-pub fn load_initial(engine: &Arc<PolicyEngine>, policy: &str, wasm: Option<&std::path::Path>, config: &str) -> anyhow::Result<Arc<PolicyVersion>> {
+pub fn load_initial(
+    engine: &Arc<PolicyEngine>,
+    policy: &str,
+    wasm: Option<&std::path::Path>,
+    config: &str,
+) -> anyhow::Result<Arc<PolicyVersion>> {
     match wasm {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read --policy-wasm {}: {e}", path.display()))?;
-            let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "custom".into());
+            let bytes = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read --policy-wasm {}: {e}", path.display())
+            })?;
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "custom".into());
             engine
                 .load(&name, &path.display().to_string(), &bytes, config)
                 .map_err(|e| anyhow::anyhow!("cannot load policy {}: {e:#}", path.display()))
         }
         None => {
             let b = builtin::find(policy).ok_or_else(|| {
-                anyhow::anyhow!("unknown --policy '{policy}'; built-in policies: {}", builtin::names())
+                anyhow::anyhow!(
+                    "unknown --policy '{policy}'; built-in policies: {}",
+                    builtin::names()
+                )
             })?;
             engine.load(b.name, &format!("builtin:{}", b.name), b.wasm, config)
         }

@@ -54,7 +54,10 @@ pub struct PolicyState {
 
 impl WasiView for PolicyState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -81,7 +84,11 @@ impl types::HostRequest for PolicyState {
         // A request id the router generated is not a client header.
         Ok(r.header(&name).map(str::to_owned))
     }
-    fn body_field(&mut self, _: Resource<ReqHandle>, path: String) -> wasmtime::Result<Option<String>> {
+    fn body_field(
+        &mut self,
+        _: Resource<ReqHandle>,
+        path: String,
+    ) -> wasmtime::Result<Option<String>> {
         Ok(self.req()?.body_field(&path))
     }
     fn routing_text(&mut self, _: Resource<ReqHandle>) -> wasmtime::Result<String> {
@@ -160,20 +167,28 @@ impl PolicyEngine {
             max_memory: (max_memory_mb as usize) << 20,
         });
         let weak: Weak<PolicyEngine> = Arc::downgrade(&me);
-        std::thread::Builder::new().name("policy-epoch".into()).spawn(move || {
-            while let Some(e) = weak.upgrade() {
-                e.engine.increment_epoch();
-                drop(e);
-                std::thread::sleep(TICK);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                while let Some(e) = weak.upgrade() {
+                    e.engine.increment_epoch();
+                    drop(e);
+                    std::thread::sleep(TICK);
+                }
+            })?;
         Ok(me)
     }
 
     /// Compile and validate a policy component: compile, link, instantiate, `init`
     /// with `config`. `name` labels it in logs and metrics. Errors say which step failed
     /// (not a component, wrong world, `init` refused, trap).
-    pub fn load(self: &Arc<Self>, name: &str, source: &str, bytes: &[u8], config: &str) -> anyhow::Result<Arc<PolicyVersion>> {
+    pub fn load(
+        self: &Arc<Self>,
+        name: &str,
+        source: &str,
+        bytes: &[u8],
+        config: &str,
+    ) -> anyhow::Result<Arc<PolicyVersion>> {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let component = Component::new(&self.engine, bytes)
             .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
@@ -181,8 +196,9 @@ impl PolicyEngine {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
-        let pre = PolicyPre::new(pre)
-            .map_err(|e| anyhow::anyhow!("component does not export vllm:router-policy/balancer@0.1.x: {e:#}"))?;
+        let pre = PolicyPre::new(pre).map_err(|e| {
+            anyhow::anyhow!("component does not export vllm:router-policy/balancer@0.1.x: {e:#}")
+        })?;
         let version = Arc::new(PolicyVersion {
             name: name.to_string(),
             label: format!("{name}@{}", &sha256[..12]).into(),
@@ -288,7 +304,10 @@ pub struct PolicyVersion {
 
 impl std::fmt::Debug for PolicyVersion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PolicyVersion").field("label", &self.label).field("source", &self.source).finish()
+        f.debug_struct("PolicyVersion")
+            .field("label", &self.label)
+            .field("source", &self.source)
+            .finish()
     }
 }
 
@@ -326,13 +345,23 @@ impl PolicyVersion {
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
-        let world = self.pre.instantiate(&mut store).map_err(|e| anyhow::anyhow!("instantiation failed: {}", classify(e)))?;
-        match world.vllm_router_policy_balancer().call_init(&mut store, &self.config) {
+        let world = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| anyhow::anyhow!("instantiation failed: {}", classify(e)))?;
+        match world
+            .vllm_router_policy_balancer()
+            .call_init(&mut store, &self.config)
+        {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => anyhow::bail!("init refused the config: {msg}"),
             Err(e) => anyhow::bail!("init failed: {}", classify(e)),
         }
-        Ok(Live { store, world, generation: u64::MAX })
+        Ok(Live {
+            store,
+            world,
+            generation: u64::MAX,
+        })
     }
 
     fn sync_workers(&self, live: &mut Live, set: &WorkerSet) -> Result<(), PolicyFault> {
@@ -340,7 +369,8 @@ impl PolicyVersion {
             return Ok(());
         }
         let workers: Vec<types::Worker> = set.workers.iter().map(|w| to_wit_worker(w)).collect();
-        live.store.set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
+        live.store
+            .set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
         live.world
             .vllm_router_policy_balancer()
             .call_workers_changed(&mut live.store, &workers)
@@ -351,10 +381,17 @@ impl PolicyVersion {
 
     /// Run `f` on the live instance (instantiating it if a fault dropped it). A fault in
     /// `f` drops the instance so the next call starts clean.
-    fn with_live<R>(&self, set: &WorkerSet, f: impl FnOnce(&mut Live) -> Result<R, PolicyFault>) -> Result<R, PolicyFault> {
+    fn with_live<R>(
+        &self,
+        set: &WorkerSet,
+        f: impl FnOnce(&mut Live) -> Result<R, PolicyFault>,
+    ) -> Result<R, PolicyFault> {
         let mut guard = self.live.lock();
         if guard.is_none() {
-            *guard = Some(self.instantiate().map_err(|e| PolicyFault::Init(format!("{e:#}")))?);
+            *guard = Some(
+                self.instantiate()
+                    .map_err(|e| PolicyFault::Init(format!("{e:#}")))?,
+            );
         }
         let live = guard.as_mut().expect("instance present");
         let out = self.sync_workers(live, set).and_then(|()| f(live));
@@ -369,16 +406,32 @@ impl PolicyVersion {
 
     /// Ask the policy for a worker. `candidates` must be non-empty and in ascending id
     /// order; the answer is validated against them.
-    pub fn select(&self, req: &Arc<RequestInfo>, stage: Stage, set: &WorkerSet, candidates: &[Candidate]) -> Result<u32, PolicyFault> {
+    pub fn select(
+        &self,
+        req: &Arc<RequestInfo>,
+        stage: Stage,
+        set: &WorkerSet,
+        candidates: &[Candidate],
+    ) -> Result<u32, PolicyFault> {
         self.with_live(set, |live| {
             live.store.data_mut().current = Some((req.clone(), stage));
             live.store.set_epoch_deadline(self.engine.call_ticks);
-            let r = live.world.vllm_router_policy_balancer().call_select(&mut live.store, Resource::new_borrow(0), candidates);
+            let r = live.world.vllm_router_policy_balancer().call_select(
+                &mut live.store,
+                Resource::new_borrow(0),
+                candidates,
+            );
             live.store.data_mut().current = None;
             match r.map_err(classify)? {
-                types::Decision::Worker(id) if candidates.binary_search_by_key(&id, |c| c.id).is_ok() => Ok(id),
+                types::Decision::Worker(id)
+                    if candidates.binary_search_by_key(&id, |c| c.id).is_ok() =>
+                {
+                    Ok(id)
+                }
                 types::Decision::Worker(id) => Err(PolicyFault::BadAnswer(id)),
-                types::Decision::None(why) => Err(PolicyFault::Declined(why.chars().take(200).collect())),
+                types::Decision::None(why) => {
+                    Err(PolicyFault::Declined(why.chars().take(200).collect()))
+                }
             }
         })
     }
@@ -387,15 +440,22 @@ impl PolicyVersion {
     pub fn complete(&self, set: &WorkerSet, done: Completion) -> Result<(), PolicyFault> {
         self.with_live(set, |live| {
             live.store.set_epoch_deadline(self.engine.call_ticks);
-            live.world.vllm_router_policy_balancer().call_on_complete(&mut live.store, done).map_err(classify)
+            live.world
+                .vllm_router_policy_balancer()
+                .call_on_complete(&mut live.store, done)
+                .map_err(classify)
         })
     }
 
     /// The policy's exported state (empty when it has none or fails).
     pub fn export_state(&self, set: &WorkerSet) -> Vec<u8> {
         self.with_live(set, |live| {
-            live.store.set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
-            live.world.vllm_router_policy_balancer().call_export_state(&mut live.store).map_err(classify)
+            live.store
+                .set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
+            live.world
+                .vllm_router_policy_balancer()
+                .call_export_state(&mut live.store)
+                .map_err(classify)
         })
         .unwrap_or_default()
     }
@@ -403,8 +463,13 @@ impl PolicyVersion {
     /// Hand state from a previous version; `Ok(false)` when the policy declined it.
     pub fn import_state(&self, set: &WorkerSet, state: &[u8]) -> Result<bool, PolicyFault> {
         self.with_live(set, |live| {
-            live.store.set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
-            let r = live.world.vllm_router_policy_balancer().call_import_state(&mut live.store, state).map_err(classify)?;
+            live.store
+                .set_epoch_deadline(self.engine.call_ticks * SETUP_BUDGET_FACTOR);
+            let r = live
+                .world
+                .vllm_router_policy_balancer()
+                .call_import_state(&mut live.store, state)
+                .map_err(classify)?;
             Ok(r.is_ok())
         })
     }

@@ -22,7 +22,10 @@ impl Policy for RoundRobin {
     fn select(&mut self, _req: &dyn Request, candidates: &[Candidate]) -> Decision {
         // Candidates arrive in ascending id order: the next one after `last`, else wrap.
         let next = match self.last {
-            Some(last) => candidates.iter().find(|c| c.id > last).unwrap_or(&candidates[0]),
+            Some(last) => candidates
+                .iter()
+                .find(|c| c.id > last)
+                .unwrap_or(&candidates[0]),
             None => &candidates[0],
         };
         self.last = Some(next.id);
@@ -30,11 +33,15 @@ impl Policy for RoundRobin {
     }
 
     fn export_state(&self) -> Vec<u8> {
-        self.last.map(|l| l.to_le_bytes().to_vec()).unwrap_or_default()
+        self.last
+            .map(|l| l.to_le_bytes().to_vec())
+            .unwrap_or_default()
     }
 
     fn import_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let b: [u8; 4] = state.try_into().map_err(|_| "expected 4 bytes".to_string())?;
+        let b: [u8; 4] = state
+            .try_into()
+            .map_err(|_| "expected 4 bytes".to_string())?;
         self.last = Some(u32::from_le_bytes(b));
         Ok(())
     }

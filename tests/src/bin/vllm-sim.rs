@@ -97,16 +97,28 @@ struct Sim {
 type St = State<Arc<Sim>>;
 
 fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn err(status: StatusCode, msg: &str) -> Response {
     let body = json!({"object": "error", "message": msg, "type": "BadRequestError", "param": null, "code": status.as_u16()});
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn health(State(s): St) -> Response {
-    if s.knobs.lock().unhealthy { StatusCode::SERVICE_UNAVAILABLE.into_response() } else { StatusCode::OK.into_response() }
+    if s.knobs.lock().unhealthy {
+        StatusCode::SERVICE_UNAVAILABLE.into_response()
+    } else {
+        StatusCode::OK.into_response()
+    }
 }
 
 async fn models(State(s): St) -> Response {
@@ -178,7 +190,11 @@ fn prompt_tokens(body: &Value) -> u32 {
                 Some(Value::String(s)) => n += s.split_whitespace().count() + 1,
                 Some(Value::Array(parts)) => {
                     for p in parts {
-                        n += p.get("text").and_then(Value::as_str).map(|t| t.split_whitespace().count()).unwrap_or(0);
+                        n += p
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .map(|t| t.split_whitespace().count())
+                            .unwrap_or(0);
                     }
                 }
                 _ => n += 1,
@@ -198,7 +214,12 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
     let path = uri.path().to_string();
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
-        _ => return err(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
+        _ => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "request body must be a JSON object",
+            );
+        }
     };
     {
         let mut r = s.recent.lock();
@@ -207,18 +228,32 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         }
         r.push_back(Recorded {
             path: path.clone(),
-            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                .collect(),
             body: body.clone(),
         });
     }
     let k = s.knobs.lock().clone();
-    let forced = headers.get("x-sim-status").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u16>().ok());
-    let status = forced.or(if k.fail_status != 0 { Some(k.fail_status) } else { None });
+    let forced = headers
+        .get("x-sim-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u16>().ok());
+    let status = forced.or(if k.fail_status != 0 {
+        Some(k.fail_status)
+    } else {
+        None
+    });
     if let Some(code) = status {
         let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if code != StatusCode::OK {
-            let mut r = err(code, &format!("simulated failure {} from {}", code.as_u16(), k.worker_id));
-            r.headers_mut().insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+            let mut r = err(
+                code,
+                &format!("simulated failure {} from {}", code.as_u16(), k.worker_id),
+            );
+            r.headers_mut()
+                .insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
             return r;
         }
     }
@@ -233,11 +268,18 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         .map(|v| v as u32)
         .unwrap_or(k.output_tokens);
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let model = body["model"].as_str().unwrap_or(&k.model).to_string();
     let ptoks = prompt_tokens(&body);
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = if chat { format!("chatcmpl-{}-{n}", k.worker_id) } else { format!("cmpl-{}-{n}", k.worker_id) };
+    let id = if chat {
+        format!("chatcmpl-{}-{n}", k.worker_id)
+    } else {
+        format!("cmpl-{}-{n}", k.worker_id)
+    };
     let created = now();
     let usage = json!({"prompt_tokens": ptoks, "total_tokens": ptoks + max_tokens, "completion_tokens": max_tokens, "prompt_tokens_details": null});
     let worker = k.worker_id.clone();
@@ -262,7 +304,8 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         s.running.fetch_sub(1, Ordering::Relaxed);
         s.served.fetch_add(1, Ordering::Relaxed);
         let mut r = axum::Json(out).into_response();
-        r.headers_mut().insert("x-vllm-sim-worker", worker.parse().unwrap());
+        r.headers_mut()
+            .insert("x-vllm-sim-worker", worker.parse().unwrap());
         return r;
     }
 
@@ -271,7 +314,11 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
     tokio::spawn(async move {
         let send = |v: Value| {
             let tx = tx.clone();
-            async move { tx.send(Ok(Bytes::from(format!("data: {v}\n\n")))).await.is_ok() }
+            async move {
+                tx.send(Ok(Bytes::from(format!("data: {v}\n\n"))))
+                    .await
+                    .is_ok()
+            }
         };
         if k.ttft_ms > 0 {
             tokio::time::sleep(Duration::from_millis(k.ttft_ms)).await;
@@ -300,7 +347,11 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
             ok &= send(v).await;
         }
         if ok && include_usage {
-            let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
+            let obj = if chat {
+                "chat.completion.chunk"
+            } else {
+                "text_completion"
+            };
             ok &= send(json!({"id": id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})).await;
         }
         if ok {
@@ -309,17 +360,27 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         sim.running.fetch_sub(1, Ordering::Relaxed);
         sim.served.fetch_add(1, Ordering::Relaxed);
     });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
     let mut r = Response::new(Body::from_stream(stream));
-    r.headers_mut().insert(header::CONTENT_TYPE, "text/event-stream; charset=utf-8".parse().unwrap());
-    r.headers_mut().insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        "text/event-stream; charset=utf-8".parse().unwrap(),
+    );
+    r.headers_mut()
+        .insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
     r
 }
 
 async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     let body: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
-        _ => return err(StatusCode::BAD_REQUEST, "request body must be a JSON object"),
+        _ => {
+            return err(
+                StatusCode::BAD_REQUEST,
+                "request body must be a JSON object",
+            );
+        }
     };
     let _ = headers;
     let k = s.knobs.lock().clone();
@@ -327,7 +388,8 @@ async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
         "data": [{"index": 0, "object": "embedding", "embedding": [0.1, 0.2, 0.3, 0.4]}],
         "usage": {"prompt_tokens": 4, "total_tokens": 4, "completion_tokens": 0, "prompt_tokens_details": null}});
     let mut r = axum::Json(out).into_response();
-    r.headers_mut().insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+    r.headers_mut()
+        .insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
     r
 }
 

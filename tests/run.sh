@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command: builds everything (router, simulator, built-in and example policy
+# components), then runs the Rust unit and end-to-end tests and the Python client tests.
+# Needs: rustup target wasm32-wasip2; Python packages from tests/python/requirements.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+echo "== build: router, simulator, example policy component"
+cargo build --release --workspace --locked
+cargo build --locked -p least-inflight-policy --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm
+echo "== cargo test"
+cargo test --release --workspace --locked
+echo "== python client tests (official openai client against the router)"
+python3 -m pytest -q tests/python

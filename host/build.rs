@@ -10,6 +10,7 @@ use std::process::Command;
 const POLICIES: &[(&str, &str)] = &[
     ("policy-round-robin", "policy_round_robin"),
     ("policy-random", "policy_random"),
+    ("policy-consistent-hash", "policy_consistent_hash"),
 ];
 
 fn main() {

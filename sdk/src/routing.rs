@@ -108,9 +108,12 @@ fn render_content(raw: &RawValue, out: &mut String) {
 /// Text parts of multi-part content are concatenated; images and tool calls are skipped.
 /// Stable: turn N+1's text starts with turn N's text, so prefix trees see the shared prefix.
 pub fn render_messages(raw: &[u8], out: &mut String) {
-    let Ok(msgs) = serde_json::from_slice::<Vec<Message<'_>>>(raw) else {
-        return;
-    };
+    if let Ok(msgs) = serde_json::from_slice::<Vec<Message<'_>>>(raw) {
+        render_message_list(&msgs, out);
+    }
+}
+
+fn render_message_list(msgs: &[Message<'_>], out: &mut String) {
     for m in msgs {
         out.push_str(m.role.as_deref().unwrap_or(""));
         out.push('\n');
@@ -152,16 +155,7 @@ pub fn render_prompt(raw: &[u8], out: &mut String) {
                     go(it, out);
                 }
             }
-            P::Messages(msgs) => {
-                for m in msgs {
-                    out.push_str(m.role.as_deref().unwrap_or(""));
-                    out.push('\n');
-                    if let Some(c) = m.content {
-                        render_content(c, out);
-                    }
-                    out.push('\n');
-                }
-            }
+            P::Messages(msgs) => render_message_list(msgs, out),
         }
     }
     if let Ok(p) = serde_json::from_slice::<P<'_>>(raw) {

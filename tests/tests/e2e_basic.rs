@@ -519,3 +519,56 @@ async fn all_workers_down_gives_503_and_recovery_follows() {
         assert!(ok, "router did not recover when a worker came back");
     };
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consistent_hash_keeps_sessions_on_one_worker_and_spreads_sessions() {
+    let sims = start_sims(3, &[]);
+    let router = start_router(&urls(&sims), &["--policy", "consistent_hash"]);
+    let c = client();
+    let url = format!("{}/v1/chat/completions", router.url());
+    let mut owners = HashMap::<String, String>::new();
+    for round in 0..3 {
+        for s in 0..30 {
+            let r = c
+                .post(&url)
+                .header("x-session-id", format!("session-{s}"))
+                .json(&chat_body(&format!("turn {round}"), false))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let w = r.headers()["x-vllm-sim-worker"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            let prev = owners
+                .entry(format!("session-{s}"))
+                .or_insert_with(|| w.clone());
+            assert_eq!(*prev, w, "session-{s} moved");
+        }
+    }
+    let distinct: std::collections::HashSet<_> = owners.values().collect();
+    assert_eq!(
+        distinct.len(),
+        3,
+        "30 sessions should use all 3 workers: {owners:?}"
+    );
+    // No session key and no client request id: the same prompt text lands on one worker
+    // (a router-generated request id must not become the key).
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let r = c
+            .post(&url)
+            .json(&chat_body("identical prompt", false))
+            .send()
+            .await
+            .unwrap();
+        seen.insert(
+            r.headers()["x-vllm-sim-worker"]
+                .to_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(seen.len(), 1, "{seen:?}");
+}

@@ -34,6 +34,11 @@ pub static BUILTINS: &[Builtin] = &[
         "next eligible worker in id order"
     ),
     builtin!("random", "policy_random", "uniform random eligible worker"),
+    builtin!(
+        "consistent_hash",
+        "policy_consistent_hash",
+        "session affinity on a hash ring (160 virtual nodes), next-member fallback, optional bounded load"
+    ),
 ];
 
 /// Look up a built-in by name.

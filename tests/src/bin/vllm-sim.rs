@@ -210,16 +210,20 @@ fn prompt_tokens(body: &Value) -> u32 {
     n.max(1) as u32
 }
 
+/// The body as a JSON object, or `None`.
+fn json_object(body: &[u8]) -> Option<Value> {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .filter(Value::is_object)
+}
+
 async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
     let path = uri.path().to_string();
-    let body: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "request body must be a JSON object",
-            );
-        }
+    let Some(body) = json_object(&body) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        );
     };
     {
         let mut r = s.recent.lock();
@@ -373,14 +377,11 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
 }
 
 async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
-    let body: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => {
-            return err(
-                StatusCode::BAD_REQUEST,
-                "request body must be a JSON object",
-            );
-        }
+    let Some(body) = json_object(&body) else {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        );
     };
     let _ = headers;
     let k = s.knobs.lock().clone();

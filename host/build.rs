@@ -11,6 +11,7 @@ const POLICIES: &[(&str, &str)] = &[
     ("policy-round-robin", "policy_round_robin"),
     ("policy-random", "policy_random"),
     ("policy-consistent-hash", "policy_consistent_hash"),
+    ("policy-power-of-two", "policy_power_of_two"),
 ];
 
 fn main() {

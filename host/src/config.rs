@@ -23,7 +23,8 @@ pub struct Args {
     pub worker_urls: Vec<String>,
 
     /// Built-in load-balancing policy, embedded in the binary as a WebAssembly component:
-    /// round_robin, random, consistent_hash (session key from x-session-id / x-user-id /
+    /// round_robin, random, power_of_two (less loaded of two random workers),
+    /// consistent_hash (session key from x-session-id / x-user-id /
     /// ... headers or the body's user / session fields; `--policy-config
     /// '{"bounded_load":true,"load_factor":1.25}'` caps any worker's share).
     #[arg(long, default_value = "round_robin", value_name = "NAME")]

@@ -572,3 +572,47 @@ async fn consistent_hash_keeps_sessions_on_one_worker_and_spreads_sessions() {
     }
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_of_two_steers_away_from_a_busy_worker() {
+    let sims = start_sims(2, &["--token-delay-ms", "100"]);
+    let router = start_router(&urls(&sims), &["--policy", "power_of_two"]);
+    let c = client();
+    let url = format!("{}/v1/chat/completions", router.url());
+    // Three long streams in flight on whichever workers they land on ...
+    let mut streams = Vec::new();
+    let mut busy = HashMap::<String, u32>::new();
+    for _ in 0..3 {
+        let mut b = chat_body("long", true);
+        b["max_tokens"] = json!(40);
+        let r = c.post(&url).json(&b).send().await.unwrap();
+        *busy
+            .entry(
+                r.headers()["x-vllm-sim-worker"]
+                    .to_str()
+                    .unwrap()
+                    .to_string(),
+            )
+            .or_default() += 1;
+        let mut s = r.bytes_stream();
+        s.next().await.unwrap().unwrap();
+        streams.push(s);
+    }
+    // ... with two workers, power of two compares both: the less loaded one gets every
+    // short request.
+    let (hot, cold) = if busy.get("w0").copied().unwrap_or(0) >= 2 {
+        ("w0", "w1")
+    } else {
+        ("w1", "w0")
+    };
+    for _ in 0..6 {
+        let mut b = chat_body("short", false);
+        b["max_tokens"] = json!(1);
+        let r = c.post(&url).json(&b).send().await.unwrap();
+        assert_eq!(
+            r.headers()["x-vllm-sim-worker"],
+            cold,
+            "hot worker {hot} chosen; in flight {busy:?}"
+        );
+    }
+}

@@ -39,6 +39,11 @@ pub static BUILTINS: &[Builtin] = &[
         "policy_consistent_hash",
         "session affinity on a hash ring (160 virtual nodes), next-member fallback, optional bounded load"
     ),
+    builtin!(
+        "power_of_two",
+        "policy_power_of_two",
+        "less loaded of two random eligible workers (in-flight + engine queue)"
+    ),
 ];
 
 /// Look up a built-in by name.

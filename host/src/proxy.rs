@@ -376,7 +376,6 @@ impl Proxy {
             deadline: Box::pin(tokio::time::sleep_until(
                 (started + self.request_timeout).into(),
             )),
-            trailer: None,
         };
         out.body(Body::new(tracked)).expect("valid response")
     }
@@ -433,7 +432,6 @@ struct TrackedBody {
     inner: Incoming,
     done: Option<Done>,
     deadline: Pin<Box<tokio::time::Sleep>>,
-    trailer: Option<Bytes>,
 }
 
 impl TrackedBody {
@@ -453,7 +451,6 @@ impl TrackedBody {
         if sse {
             // An SSE client gets a final error event rather than a bare truncation.
             let ev = serde_json::json!({"error": {"message": format!("upstream stream failed: {why}"), "type": "upstream_error", "code": "stream_interrupted"}});
-            self.trailer = None;
             return Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
                 "data: {ev}\n\n"
             ))))));

@@ -29,6 +29,14 @@ pub struct HealthConfig {
 
 type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
 
+/// The client health probes use: connect timeout `timeout`, TCP_NODELAY.
+fn probe_client(timeout: Duration) -> ProbeClient {
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(timeout));
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(http)
+}
+
 async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
     let uri = format!("{}{}", w.url, cfg.endpoint);
     let Ok(uri) = uri.parse::<http::Uri>() else {
@@ -39,10 +47,7 @@ async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
 
 /// Run the checker until the task is dropped.
 pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metrics>) {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(cfg.timeout));
-    http.set_nodelay(true);
-    let client: ProbeClient = Client::builder(TokioExecutor::new()).build(http);
+    let client = probe_client(cfg.timeout);
     let mut last_full = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,9 +90,7 @@ pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metric
 /// Probe every worker once, in parallel, and mark those that do not answer unhealthy
 /// (the checker brings them in when they do). Returns how many answered.
 pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
-    let mut http = HttpConnector::new();
-    http.set_connect_timeout(Some(cfg.timeout));
-    let client: ProbeClient = Client::builder(TokioExecutor::new()).build(http);
+    let client = probe_client(cfg.timeout);
     let set = registry.snapshot();
     let results =
         futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;

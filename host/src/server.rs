@@ -5,7 +5,6 @@ use crate::metrics::route_label;
 use crate::proxy::{Proxy, Selector, set_request_id};
 use crate::request::{BodyError, RequestInfo};
 use axum::Router;
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -253,8 +252,7 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     };
     info.request_id = rid;
     info.request_id_from_client = from_client;
-    let resp: Response<Body> = st.proxy.forward(Arc::new(info), sel).await;
-    resp
+    st.proxy.forward(Arc::new(info), sel).await
 }
 
 /// Workers of a role that are healthy, for logs.

@@ -21,6 +21,20 @@ fn chat_body(text: &str, stream: bool) -> Value {
     json!({"model": "sim-model", "messages": [{"role": "user", "content": text}], "max_tokens": 4, "stream": stream})
 }
 
+/// POST a JSON body with extra headers.
+async fn post_json(
+    c: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> reqwest::Response {
+    let mut rb = c.post(url).json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
 async fn sim_requests(sim: &Proc) -> Vec<Value> {
     client()
         .get(format!("{}/sim/requests", sim.url()))
@@ -295,30 +309,25 @@ async fn request_ids_are_forwarded_echoed_and_generated() {
     let c = client();
     let url = format!("{}/v1/chat/completions", router.url());
     // Client id in x-request-id.
-    let r = c
-        .post(&url)
-        .header("x-request-id", "client-id-1")
-        .json(&chat_body("a", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &c,
+        &url,
+        &[("x-request-id", "client-id-1")],
+        &chat_body("a", false),
+    )
+    .await;
     assert_eq!(r.headers()["x-request-id"], "client-id-1");
     // Client id in a later header of --request-id-headers.
-    let r = c
-        .post(&url)
-        .header("x-correlation-id", "corr-7")
-        .json(&chat_body("b", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(
+        &c,
+        &url,
+        &[("x-correlation-id", "corr-7")],
+        &chat_body("b", false),
+    )
+    .await;
     assert_eq!(r.headers()["x-request-id"], "corr-7");
     // None: generated, chat prefix.
-    let r = c
-        .post(&url)
-        .json(&chat_body("c", false))
-        .send()
-        .await
-        .unwrap();
+    let r = post_json(&c, &url, &[], &chat_body("c", false)).await;
     let generated = r.headers()["x-request-id"].to_str().unwrap().to_string();
     assert!(
         generated.starts_with("chatcmpl-") && generated.len() > 20,

@@ -12,6 +12,7 @@ const POLICIES: &[(&str, &str)] = &[
     ("policy-random", "policy_random"),
     ("policy-consistent-hash", "policy_consistent_hash"),
     ("policy-power-of-two", "policy_power_of_two"),
+    ("policy-cache-aware", "policy_cache_aware"),
 ];
 
 fn main() {

@@ -24,6 +24,7 @@ pub struct Args {
 
     /// Built-in load-balancing policy, embedded in the binary as a WebAssembly component:
     /// round_robin, random, power_of_two (less loaded of two random workers),
+    /// cache_aware (prefix-cache affinity, see --cache-threshold and below),
     /// consistent_hash (session key from x-session-id / x-user-id /
     /// ... headers or the body's user / session fields; `--policy-config
     /// '{"bounded_load":true,"load_factor":1.25}'` caps any worker's share).
@@ -39,6 +40,36 @@ pub struct Args {
     /// receive their tunables from the flags below.
     #[arg(long, default_value = "{}", value_name = "JSON")]
     pub policy_config: String,
+
+    /// cache_aware: minimum prefix match ratio (matched / prompt characters) for cache
+    /// affinity, in [0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    pub cache_threshold: f64,
+
+    /// cache_aware: load gap (requests) above which balance beats affinity (together
+    /// with --balance-rel-threshold).
+    #[arg(long, default_value_t = 64)]
+    pub balance_abs_threshold: u64,
+
+    /// cache_aware: load ratio (max / min, ≥ 1) above which balance beats affinity
+    /// (together with --balance-abs-threshold).
+    #[arg(long, default_value_t = 1.5)]
+    pub balance_rel_threshold: f64,
+
+    /// cache_aware: seconds between passes that drop prefix-tree entries of workers that
+    /// left. Size limits are enforced on every insert, not by this timer.
+    #[arg(long, visible_alias = "eviction-interval-secs", default_value_t = 120)]
+    pub eviction_interval: u64,
+
+    /// cache_aware: prefix-tree size limit per worker, in characters (bytes) of prompt.
+    /// The whole tree is also capped at 24 MiB so it fits --policy-max-memory-mb 64.
+    #[arg(long, default_value_t = 1 << 26)]
+    pub max_tree_size: u64,
+
+    /// Scrape each worker's vLLM `/metrics` (num_requests_running/waiting, KV-cache use)
+    /// every this many milliseconds and show it to policies as engine load (0 = off).
+    #[arg(long, default_value_t = 1000)]
+    pub engine_metrics_interval_ms: u64,
 
     /// Per-call time limit of a policy, in milliseconds. A call that runs longer is
     /// interrupted and the request is routed by the fallback (least in-flight).
@@ -163,7 +194,36 @@ impl Args {
         }
         serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&self.policy_config)
             .map_err(|e| format!("--policy-config must be a JSON object: {e}"))?;
+        if !(0.0..=1.0).contains(&self.cache_threshold) {
+            return Err("--cache-threshold must be within [0, 1]".into());
+        }
+        if self.balance_rel_threshold < 1.0 {
+            return Err("--balance-rel-threshold must be >= 1.0".into());
+        }
+        if self.eviction_interval == 0 || self.max_tree_size == 0 {
+            return Err("--eviction-interval and --max-tree-size must be > 0".into());
+        }
         Ok(())
+    }
+
+    /// The `init` config for built-in policy `name`: its tunables from the flags, then
+    /// `--policy-config` on top. Other policies get `--policy-config` alone.
+    pub fn builtin_config(&self, name: &str) -> String {
+        let mut cfg: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&self.policy_config).unwrap_or_default();
+        if name == "cache_aware" {
+            let flags = serde_json::json!({
+                "cache_threshold": self.cache_threshold,
+                "balance_abs_threshold": self.balance_abs_threshold,
+                "balance_rel_threshold": self.balance_rel_threshold,
+                "eviction_interval_secs": self.eviction_interval,
+                "max_tree_size": self.max_tree_size,
+            });
+            for (k, v) in flags.as_object().expect("object") {
+                cfg.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        serde_json::Value::Object(cfg).to_string()
     }
 
     /// Attempts per request after `--disable-retries`.

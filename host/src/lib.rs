@@ -6,12 +6,13 @@
 //!
 //! Modules, one concern each: [`config`] (flags), [`server`] (routes, errors),
 //! [`proxy`] (forwarding core: retries, streaming, request ids), [`workers`] (registry,
-//! health state, in-flight), [`health`] (active probes), [`policy`] (wasmtime engine,
+//! health state, in-flight), [`health`] (active probes), [`engine`] (vLLM engine-load scraping), [`policy`] (wasmtime engine,
 //! built-ins, slots, fallback), [`metrics`].
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod metrics;

@@ -57,21 +57,27 @@ fn main() -> anyhow::Result<()> {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(args))
+        .block_on(run(args));
+    if let Err(e) = result {
+        // One readable line (with causes) rather than a debug dump with a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let engine = PolicyEngine::new(args.policy_timeout_ms, args.policy_max_memory_mb)?;
-    let version = policy::load_initial(
-        &engine,
-        &args.policy,
-        args.policy_wasm.as_deref(),
-        &args.policy_config,
-    )?;
+    let config = match &args.policy_wasm {
+        Some(_) => args.policy_config.clone(),
+        None => args.builtin_config(&args.policy),
+    };
+    let version =
+        policy::load_initial(&engine, &args.policy, args.policy_wasm.as_deref(), &config)?;
     tracing::info!(policy = %version.label, source = %version.source, "policy loaded in {:?}", t0.elapsed());
 
     let registry = Arc::new(Registry::default());
@@ -92,6 +98,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // health checker brings them in when they do. Serving starts at once either way.
     health::startup_probe(&registry, &hcfg).await;
     tokio::spawn(health::run(registry.clone(), hcfg, metrics.clone()));
+    if args.engine_metrics_interval_ms > 0 {
+        tokio::spawn(vllm_router::engine::run(
+            registry.clone(),
+            Duration::from_millis(args.engine_metrics_interval_ms),
+        ));
+    }
 
     let slot = Arc::new(PolicySlot::new("default", version));
     let proxy = Arc::new(Proxy {

@@ -28,6 +28,11 @@ pub struct Worker {
     /// Consecutive failed / successful health observations.
     fail_streak: AtomicU32,
     ok_streak: AtomicU32,
+    /// Engine load from the worker's `/metrics` in the policy wire format
+    /// (`vllm_router_sdk::wire::pack_engine`); 0 = no sample.
+    engine_packed: AtomicU64,
+    /// Router uptime (ms) when `engine_packed` was sampled.
+    engine_at_ms: AtomicU64,
 }
 
 impl Worker {
@@ -51,6 +56,8 @@ impl Worker {
             healthy: AtomicBool::new(true),
             fail_streak: AtomicU32::new(0),
             ok_streak: AtomicU32::new(0),
+            engine_packed: AtomicU64::new(0),
+            engine_at_ms: AtomicU64::new(0),
         })
     }
 
@@ -70,6 +77,24 @@ impl Worker {
     /// Whether the worker may receive traffic.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Store an engine-load sample (`vllm:num_requests_running`, `..._waiting`, KV-cache
+    /// use in per-mille), taken now.
+    pub fn set_engine_load(&self, load: &vllm_router_sdk::EngineLoad) {
+        self.engine_packed
+            .store(vllm_router_sdk::wire::pack_engine(Some(load)), Ordering::Relaxed);
+        self.engine_at_ms
+            .store(crate::util::uptime_ms(), Ordering::Relaxed);
+    }
+
+    /// The latest engine-load sample if younger than `max_age_ms` (ms), else `None`.
+    pub fn engine_load(&self, now_ms: u64, max_age_ms: u64) -> Option<vllm_router_sdk::EngineLoad> {
+        let age = now_ms.saturating_sub(self.engine_at_ms.load(Ordering::Relaxed));
+        if age > max_age_ms {
+            return None;
+        }
+        vllm_router_sdk::wire::unpack_engine(self.engine_packed.load(Ordering::Relaxed))
     }
 
     /// Count a dispatched request; the guard un-counts it when dropped.

@@ -1,7 +1,7 @@
 //! The component side (wasm32 only): wit-bindgen bindings for `wit/policy.wit` and the
 //! adapter that turns a [`Policy`] into the exported `balancer` interface.
 
-use crate::{Candidate, Completion, Decision, EngineLoad, Policy, Request, Role, Stage, Worker};
+use crate::{Candidate, Completion, Decision, Policy, Request, Role, Stage, Worker};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
@@ -126,20 +126,13 @@ impl<P: Policy> wit::Guest for Adapter<P> {
         with_policy(|p| p.workers_changed(&workers));
     }
 
-    fn select(req: &t::Request, candidates: Vec<t::Candidate>) -> t::Decision {
+    fn select(req: &t::Request, candidates: Vec<u64>, engine: Vec<u64>) -> t::Decision {
         // Reuse one buffer across calls: no allocation per decision.
         let d = CANDIDATES.with(|buf| {
             let mut buf = buf.borrow_mut();
             buf.clear();
-            buf.extend(candidates.iter().map(|c| Candidate {
-                id: c.id,
-                in_flight: c.in_flight,
-                engine: c.engine.map(|e| EngineLoad {
-                    running: e.running,
-                    waiting: e.waiting,
-                    kv_cache_permille: e.kv_cache_permille,
-                    age_ms: e.age_ms,
-                }),
+            buf.extend(candidates.iter().enumerate().map(|(i, &w)| {
+                crate::wire::unpack_candidate(w, engine.get(i).copied().unwrap_or(0))
             }));
             with_policy(|p| p.select(&ReqView(req), &buf))
         });

@@ -91,8 +91,66 @@ pub struct EngineLoad {
     pub waiting: u32,
     /// `vllm:kv_cache_usage_perc` in per-mille (0..=1000).
     pub kv_cache_permille: u16,
-    /// Age of the sample in milliseconds.
-    pub age_ms: u32,
+}
+
+/// The packed wire form of candidates in `select` (see `wit/policy.wit`): shared by the
+/// router and the SDK so both sides agree bit for bit.
+pub mod wire {
+    use crate::{Candidate, EngineLoad};
+
+    /// `id | in_flight << 32`.
+    pub fn pack_candidate(c: &Candidate) -> u64 {
+        c.id as u64 | (c.in_flight as u64) << 32
+    }
+
+    /// Engine word: running (24 bits), waiting (24), KV per-mille (11), bit 63 = present;
+    /// 0 when `None`. Counts saturate at 2^24 − 1.
+    pub fn pack_engine(e: Option<&EngineLoad>) -> u64 {
+        match e {
+            None => 0,
+            Some(e) => {
+                (e.running.min(0xFF_FFFF) as u64)
+                    | (e.waiting.min(0xFF_FFFF) as u64) << 24
+                    | (e.kv_cache_permille.min(1000) as u64) << 48
+                    | 1 << 63
+            }
+        }
+    }
+
+    /// Inverse of [`pack_engine`].
+    pub fn unpack_engine(w: u64) -> Option<EngineLoad> {
+        (w >> 63 == 1).then(|| EngineLoad {
+            running: (w & 0xFF_FFFF) as u32,
+            waiting: ((w >> 24) & 0xFF_FFFF) as u32,
+            kv_cache_permille: ((w >> 48) & 0x7FF) as u16,
+        })
+    }
+
+    /// Decode one candidate word (and its engine word, 0 if none).
+    pub fn unpack_candidate(w: u64, engine: u64) -> Candidate {
+        Candidate {
+            id: w as u32,
+            in_flight: (w >> 32) as u32,
+            engine: unpack_engine(engine),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trip() {
+            let e = EngineLoad { running: 7, waiting: 0xFF_FFFF, kv_cache_permille: 999 };
+            let c = Candidate { id: 42, in_flight: u32::MAX, engine: Some(e) };
+            assert_eq!(unpack_candidate(pack_candidate(&c), pack_engine(Some(&e))), c);
+            let c = Candidate { id: 1, in_flight: 0, engine: None };
+            assert_eq!(unpack_candidate(pack_candidate(&c), pack_engine(None)), c);
+            let big = EngineLoad { running: u32::MAX, waiting: 3, kv_cache_permille: 5000 };
+            let back = unpack_engine(pack_engine(Some(&big))).unwrap();
+            assert_eq!((back.running, back.waiting, back.kv_cache_permille), (0xFF_FFFF, 3, 1000));
+        }
+    }
 }
 
 /// A worker that may take the current request, with its load.

@@ -1,107 +1,214 @@
-//! Cost of one policy decision: through the host (WebAssembly component, the real
-//! `PolicyVersion::select` path with epoch deadline and answer validation) and the same
-//! policy logic called natively, side by side, at 8 / 16 / 64 / 512 workers.
+//! Cost of one policy decision, side by side in one run: through the host (the
+//! WebAssembly component on the real `PolicyVersion::select` path, with epoch deadline,
+//! candidate copy and answer validation) and the same policy crate called natively.
 //!
-//! Run: `cargo bench -p vllm-router-tests --bench policy_cost`
+//! Fleets of 8 / 16 / 64 / 512 workers; for the text-keyed policies (cache_aware, and
+//! consistent_hash without a session key) routing texts of 1 / 8 / 64 KiB. cache_aware
+//! runs against a warm tree (200 prompts sharing a half-length header) and the request
+//! extends a cached prompt, so each decision walks and refreshes the whole path.
+//! Timing: median of 15 batches, each ≥ 20 ms; figures in µs per decision.
+//!
+//! Run: `cargo bench -p vllm-router-tests --bench policy_cost` (≈1 min). Prints a table.
 
 use bytes::Bytes;
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use vllm_router::policy::{Candidate, PolicyEngine, Stage, builtin};
 use vllm_router::request::RequestInfo;
-use vllm_router::workers::Registry;
-use vllm_router_sdk::testing::FakeRequest;
-use vllm_router_sdk::{Policy, Role};
+use vllm_router::workers::{Registry, WorkerSet};
+use vllm_router_sdk::{Policy, Request, Role};
 
-fn request() -> Arc<RequestInfo> {
-    let body = Bytes::from_static(
-        br#"{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":16}"#,
-    );
+/// Median µs per call of `f`, over 15 batches sized to last ≥ 20 ms each.
+fn time_us(mut f: impl FnMut()) -> f64 {
+    let mut per_batch = 1u64;
+    loop {
+        let t = Instant::now();
+        for _ in 0..per_batch {
+            f();
+        }
+        if t.elapsed() >= Duration::from_millis(20) {
+            break;
+        }
+        per_batch *= 2;
+    }
+    let mut samples: Vec<f64> = (0..15)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..per_batch {
+                f();
+            }
+            t.elapsed().as_secs_f64() * 1e6 / per_batch as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[7]
+}
+
+fn body_with_text(text: &str) -> Bytes {
+    Bytes::from(
+        serde_json::to_vec(&serde_json::json!({"model": "m", "prompt": text, "max_tokens": 16}))
+            .unwrap(),
+    )
+}
+
+fn request(body: Bytes) -> Arc<RequestInfo> {
     let mut info = RequestInfo::from_json(
         http::Method::POST,
-        "/v1/chat/completions".into(),
-        "/v1/chat/completions".into(),
+        "/v1/completions".into(),
+        "/v1/completions".into(),
         http::HeaderMap::new(),
         body,
     )
     .unwrap();
     info.request_id = "bench".into();
+    // Render the routing text once, as the first policy call on a request would.
+    let _ = info.routing_text();
     Arc::new(info)
 }
 
-fn bench(c: &mut Criterion) {
-    let engine = PolicyEngine::new(5, 64).unwrap();
-    let req = request();
-    let fake = FakeRequest::chat("hello there");
-    let mut g = c.benchmark_group("select");
-    for name in ["round_robin", "random"] {
+/// A native request with the routing text rendered once (as the host caches it).
+struct Native {
+    text: String,
+}
+
+impl Request for Native {
+    fn path(&self) -> String {
+        "/v1/completions".into()
+    }
+    fn model(&self) -> Option<String> {
+        Some("m".into())
+    }
+    fn header(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn body_field(&self, _: &str) -> Option<String> {
+        None
+    }
+    fn routing_text(&self) -> String {
+        self.text.clone()
+    }
+    fn body_length(&self) -> u64 {
+        self.text.len() as u64
+    }
+    fn request_id(&self) -> String {
+        "bench".into()
+    }
+    fn stage(&self) -> vllm_router_sdk::Stage {
+        vllm_router_sdk::Stage::Regular
+    }
+}
+
+fn fleet(n: usize) -> (Arc<WorkerSet>, Vec<Candidate>, Vec<vllm_router_sdk::Worker>) {
+    let reg = Registry::default();
+    for i in 0..n {
+        reg.add(&format!("http://10.0.{}.{}:8000", i / 250, i % 250), Role::Regular, 1)
+            .unwrap();
+    }
+    let set = reg.snapshot();
+    let cands = set
+        .workers
+        .iter()
+        .map(|w| Candidate { id: w.id, in_flight: (w.id % 3), engine: None })
+        .collect();
+    let workers = set
+        .workers
+        .iter()
+        .map(|w| vllm_router_sdk::Worker {
+            id: w.id,
+            url: w.url.clone(),
+            role: Role::Regular,
+            dp_rank: None,
+            labels: vec![],
+        })
+        .collect();
+    (set, cands, workers)
+}
+
+fn native_cands(c: &[Candidate]) -> Vec<vllm_router_sdk::Candidate> {
+    c.to_vec()
+}
+
+fn text_of(kib: usize, salt: usize) -> String {
+    // A half-length shared header, then a distinct tail: few-shot style.
+    let half = kib * 512;
+    let header: String = "shared few-shot header line. ".chars().cycle().take(half).collect();
+    let tail: String = format!("question {salt}: ").chars().chain("tail words ".chars().cycle()).take(half).collect();
+    header + &tail
+}
+
+fn native_policy(name: &str, workers: &[vllm_router_sdk::Worker]) -> Box<dyn FnMut(&Native, &[vllm_router_sdk::Candidate])> {
+    macro_rules! mk {
+        ($t:ty) => {{
+            let mut p = <$t>::new("{}").unwrap();
+            p.workers_changed(workers);
+            Box::new(move |r: &Native, c: &[vllm_router_sdk::Candidate]| {
+                black_box(p.select(r, c));
+            })
+        }};
+    }
+    match name {
+        "round_robin" => mk!(policy_round_robin::RoundRobin),
+        "random" => mk!(policy_random::Random),
+        "power_of_two" => mk!(policy_power_of_two::PowerOfTwo),
+        "consistent_hash" => mk!(policy_consistent_hash::ConsistentHash),
+        _ => mk!(policy_cache_aware::CacheAware),
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument selects policies by substring.
+    let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let engine = PolicyEngine::new(50, 64).unwrap();
+    let mut rows: Vec<(String, usize, String, f64, f64)> = Vec::new();
+    let cases: Vec<(&str, Vec<usize>, Vec<usize>)> = vec![
+        ("round_robin", vec![8, 16, 64, 512], vec![0]),
+        ("random", vec![8, 16, 64, 512], vec![0]),
+        ("power_of_two", vec![8, 64, 512], vec![0]),
+        ("consistent_hash", vec![8, 64, 512], vec![1, 8, 64]),
+        ("cache_aware", vec![8, 64, 512], vec![1, 8, 64]),
+    ];
+    let total: usize = cases.iter().map(|(_, n, t)| n.len() * t.len()).sum();
+    let mut done = 0;
+    for (name, sizes, texts) in &cases {
+        if filter.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
         let b = builtin::find(name).unwrap();
-        let version = engine.load(b.name, "bench", b.wasm, "{}").unwrap();
-        for n in [8usize, 16, 64, 512] {
-            let reg = Registry::default();
-            for i in 0..n {
-                reg.add(
-                    &format!("http://10.0.{}.{}:8000", i / 250, i % 250),
-                    Role::Regular,
-                    1,
-                )
-                .unwrap();
-            }
-            let set = reg.snapshot();
-            let cands: Vec<Candidate> = set
-                .workers
-                .iter()
-                .map(|w| Candidate {
-                    id: w.id,
-                    in_flight: 0,
-                    engine: None,
-                })
-                .collect();
-            version.select(&req, Stage::Regular, &set, &cands).unwrap();
-            g.bench_with_input(BenchmarkId::new(format!("{name}/wasm"), n), &n, |bch, _| {
-                bch.iter(|| {
-                    black_box(
-                        version
-                            .select(&req, Stage::Regular, &set, black_box(&cands))
-                            .unwrap(),
-                    )
-                })
-            });
-            let native: Vec<vllm_router_sdk::Candidate> = cands
-                .iter()
-                .map(|c| vllm_router_sdk::Candidate {
-                    id: c.id,
-                    in_flight: c.in_flight,
-                    engine: None,
-                })
-                .collect();
-            match name {
-                "round_robin" => {
-                    let mut p = policy_round_robin::RoundRobin::new("{}").unwrap();
-                    g.bench_with_input(
-                        BenchmarkId::new(format!("{name}/native"), n),
-                        &n,
-                        |bch, _| bch.iter(|| black_box(p.select(&fake, black_box(&native)))),
-                    );
+        for &n in sizes {
+            let (set, cands, workers) = fleet(n);
+            let ncands = native_cands(&cands);
+            for &kib in texts {
+                done += 1;
+                eprint!("\r[{done}/{total}] {name} workers={n} text={kib}KiB        ");
+                let text = if kib == 0 { "hello there".to_string() } else { text_of(kib, 0) };
+                let version = engine.load(b.name, "bench", b.wasm, "{}").unwrap();
+                let mut native = native_policy(name, &workers);
+                // Warm the tree (cache_aware) with 200 prompts sharing the header.
+                if *name == "cache_aware" {
+                    for s in 1..=200 {
+                        let t = text_of(kib, s);
+                        let r = request(body_with_text(&t));
+                        version.select(&r, Stage::Regular, &set, &cands).unwrap();
+                        native(&Native { text: t }, &ncands);
+                    }
                 }
-                _ => {
-                    let mut p = policy_random::Random::new("{}").unwrap();
-                    g.bench_with_input(
-                        BenchmarkId::new(format!("{name}/native"), n),
-                        &n,
-                        |bch, _| bch.iter(|| black_box(p.select(&fake, black_box(&native)))),
-                    );
-                }
+                let req = request(body_with_text(&text));
+                let nreq = Native { text: text.clone() };
+                version.select(&req, Stage::Regular, &set, &cands).unwrap();
+                let wasm = time_us(|| {
+                    black_box(version.select(&req, Stage::Regular, &set, black_box(&cands)).unwrap());
+                });
+                let nat = time_us(|| native(&nreq, black_box(&ncands)));
+                let label = if kib == 0 { "-".to_string() } else { format!("{kib} KiB") };
+                rows.push((name.to_string(), n, label, wasm, nat));
             }
         }
     }
-    g.finish();
+    eprintln!();
+    println!("\nPolicy decision cost, µs per decision (median of 15 batches)");
+    println!("{:<16} {:>7} {:>8} {:>10} {:>10} {:>8}", "policy", "workers", "text", "wasm µs", "native µs", "ratio");
+    for (name, n, label, w, nat) in &rows {
+        println!("{:<16} {:>7} {:>8} {:>10.2} {:>10.2} {:>7.1}x", name, n, label, w, nat, w / nat.max(1e-3));
+    }
 }
-
-criterion_group! {
-    name = benches;
-    config = Criterion::default().sample_size(30).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = bench
-}
-criterion_main!(benches);

@@ -186,3 +186,48 @@ pub fn example_policy_wasm() -> PathBuf {
     );
     p
 }
+
+/// Base URLs of simulated workers.
+pub fn urls(sims: &[Proc]) -> Vec<String> {
+    sims.iter().map(Proc::url).collect()
+}
+
+/// HTTP client for tests (30 s timeout).
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// A chat-completion body with one user message and `max_tokens: 4`.
+pub fn chat_body(text: &str, stream: bool) -> serde_json::Value {
+    serde_json::json!({"model": "sim-model", "messages": [{"role": "user", "content": text}], "max_tokens": 4, "stream": stream})
+}
+
+/// POST a JSON body with extra headers.
+pub async fn post_json(
+    c: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &serde_json::Value,
+) -> reqwest::Response {
+    let mut rb = c.post(url).json(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().await.unwrap()
+}
+
+/// Requests a simulated worker recorded (`GET /sim/requests`).
+pub async fn sim_requests(sim: &Proc) -> Vec<serde_json::Value> {
+    client()
+        .get(format!("{}/sim/requests", sim.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+

@@ -6,46 +6,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 use vllm_router_tests::*;
 
-fn urls(sims: &[Proc]) -> Vec<String> {
-    sims.iter().map(Proc::url).collect()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-fn chat_body(text: &str, stream: bool) -> Value {
-    json!({"model": "sim-model", "messages": [{"role": "user", "content": text}], "max_tokens": 4, "stream": stream})
-}
-
-/// POST a JSON body with extra headers.
-async fn post_json(
-    c: &reqwest::Client,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: &Value,
-) -> reqwest::Response {
-    let mut rb = c.post(url).json(body);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    rb.send().await.unwrap()
-}
-
-async fn sim_requests(sim: &Proc) -> Vec<Value> {
-    client()
-        .get(format!("{}/sim/requests", sim.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_stream_and_stream_for_completions_and_chat() {
     let sims = start_sims(2, &[]);

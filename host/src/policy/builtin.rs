@@ -44,6 +44,11 @@ pub static BUILTINS: &[Builtin] = &[
         "policy_power_of_two",
         "less loaded of two random eligible workers (in-flight + engine queue)"
     ),
+    builtin!(
+        "cache_aware",
+        "policy_cache_aware",
+        "prefix-cache affinity on an approximate radix tree of the prompt, balanced by load"
+    ),
 ];
 
 /// Look up a built-in by name.

@@ -9,7 +9,8 @@ use crate::metrics::Metrics;
 use crate::request::RequestInfo;
 use crate::workers::{Worker, WorkerSet};
 use arc_swap::ArcSwap;
-pub use runtime::{Candidate, Completion, PolicyEngine, PolicyFault, PolicyVersion, Stage};
+pub use runtime::{Completion, PolicyEngine, PolicyFault, PolicyVersion, Stage};
+pub use vllm_router_sdk::{Candidate, EngineLoad};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -66,14 +67,21 @@ pub fn fallback_choice(candidates: &[Candidate]) -> u32 {
 }
 
 /// The eligible workers of `role` for a request, excluding ids already tried.
+/// Engine load is attached when scraping is on and the sample is fresh.
 pub fn candidates(set: &WorkerSet, role: Role, exclude: &[u32]) -> Vec<Candidate> {
+    let max_age = crate::engine::max_age_ms();
+    let now = if max_age > 0 { crate::util::uptime_ms() } else { 0 };
     set.workers
         .iter()
         .filter(|w| w.role == role && w.is_healthy() && !exclude.contains(&w.id))
         .map(|w| Candidate {
             id: w.id,
             in_flight: w.in_flight(),
-            engine: None,
+            engine: if max_age > 0 {
+                w.engine_load(now, max_age)
+            } else {
+                None
+            },
         })
         .collect()
 }

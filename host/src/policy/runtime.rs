@@ -25,7 +25,9 @@ mod bindings {
     });
 }
 
-pub use bindings::vllm::router_policy::types::{Candidate, Completion, EngineLoad, Stage};
+pub use bindings::vllm::router_policy::types::{Completion, Stage};
+use vllm_router_sdk::Candidate;
+use vllm_router_sdk::wire::{pack_candidate, pack_engine};
 use bindings::vllm::router_policy::{host, types};
 use bindings::{Policy as PolicyWorld, PolicyPre};
 
@@ -222,6 +224,8 @@ struct Live {
     store: Store<PolicyState>,
     world: PolicyWorld,
     generation: u64,
+    /// Reused candidate / engine word buffers for `select`.
+    buffers: (Vec<u64>, Vec<u64>),
 }
 
 /// What went wrong in a policy call. The request is still served (by the fallback).
@@ -361,6 +365,7 @@ impl PolicyVersion {
             store,
             world,
             generation: u64::MAX,
+            buffers: (Vec::new(), Vec::new()),
         })
     }
 
@@ -414,13 +419,23 @@ impl PolicyVersion {
         candidates: &[Candidate],
     ) -> Result<u32, PolicyFault> {
         self.with_live(set, |live| {
+            // Pack into buffers kept with the instance: no allocation per decision.
+            let (mut words, mut engine) = std::mem::take(&mut live.buffers);
+            words.clear();
+            engine.clear();
+            words.extend(candidates.iter().map(pack_candidate));
+            if candidates.iter().any(|c| c.engine.is_some()) {
+                engine.extend(candidates.iter().map(|c| pack_engine(c.engine.as_ref())));
+            }
             live.store.data_mut().current = Some((req.clone(), stage));
             live.store.set_epoch_deadline(self.engine.call_ticks);
             let r = live.world.vllm_router_policy_balancer().call_select(
                 &mut live.store,
                 Resource::new_borrow(0),
-                candidates,
+                &words,
+                &engine,
             );
+            live.buffers = (words, engine);
             live.store.data_mut().current = None;
             match r.map_err(classify)? {
                 types::Decision::Worker(id)

@@ -77,7 +77,6 @@ mod tests {
                 running: 4,
                 waiting: 20,
                 kv_cache_permille: 900,
-                age_ms: 10,
             }),
         );
         h.set_in_flight(0, 3);

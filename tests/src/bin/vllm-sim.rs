@@ -3,6 +3,18 @@
 //! shape, `data: [DONE]`) and reports which worker answered (header
 //! `x-vllm-sim-worker`, and the `system_fingerprint` field).
 //!
+//! Prefix-cache model (for measuring routing quality): the prompt is rendered the way
+//! the router renders routing text (chat messages `role\ncontent\n` in order, or the
+//! prompt), one token is taken as 4 characters, and the text is cut into blocks of
+//! `--block-chars` (64 = 16 tokens, vLLM's default block size). Complete blocks are keyed
+//! by a chained hash (a block's key covers everything before it, as in vLLM's automatic
+//! prefix caching) and kept in an LRU of `--cache-blocks` entries. A request hits the
+//! leading run of cached blocks; its cached tokens go to the response header
+//! `x-sim-cached-tokens`, to `usage.prompt_tokens_details.cached_tokens`, and to the
+//! `vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total` counters (tokens).
+//! With `--prefill-us-per-token`, uncached tokens add simulated prefill time before the
+//! first token (reported as `x-sim-prefill-us`).
+//!
 //! Test knobs: flags at start, `POST /sim/config` at run time (same names, JSON), and
 //! per request the header `x-sim-status: CODE` (answer with that status). Recent requests
 //! (path, headers, body) are listed by `GET /sim/requests`.
@@ -17,7 +29,7 @@ use clap::Parser;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -63,6 +75,22 @@ struct Knobs {
     /// Answer `/health` with 503 when true.
     #[arg(long, default_value_t = false)]
     unhealthy: bool,
+    /// Prefix-cache capacity in blocks (0 = no prefix cache).
+    #[arg(long, default_value_t = 4096)]
+    cache_blocks: usize,
+    /// Characters per cache block (4 characters ≈ 1 token).
+    #[arg(long, default_value_t = 64)]
+    block_chars: usize,
+    /// Simulated prefill cost per uncached prompt token, microseconds (0 = none).
+    #[arg(long, default_value_t = 0)]
+    prefill_us_per_token: u64,
+    /// Extra requests to report as waiting in `vllm:num_requests_waiting` (simulates a
+    /// queue building up in the engine).
+    #[arg(long, default_value_t = 0)]
+    waiting: u64,
+    /// Keep the last 256 requests for `GET /sim/requests` (off for benchmarks).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    record: bool,
 }
 
 impl Default for Knobs {
@@ -75,6 +103,11 @@ impl Default for Knobs {
             token_delay_ms: 0,
             fail_status: 0,
             unhealthy: false,
+            cache_blocks: 4096,
+            block_chars: 64,
+            prefill_us_per_token: 0,
+            waiting: 0,
+            record: true,
         }
     }
 }
@@ -86,8 +119,58 @@ struct Recorded {
     body: Value,
 }
 
+/// LRU of block keys (chained hashes), with hit/query counters in tokens.
+#[derive(Default)]
+struct PrefixCache {
+    stamp_of: HashMap<u64, u64>,
+    by_stamp: BTreeMap<u64, u64>,
+    clock: u64,
+    hits_tokens: u64,
+    query_tokens: u64,
+}
+
+impl PrefixCache {
+    /// Look up and insert the blocks of `text`; returns (prompt tokens, cached tokens).
+    fn access(&mut self, text: &[u8], block_chars: usize, capacity: usize) -> (u64, u64) {
+        let tokens = text.len().div_ceil(4).max(1) as u64;
+        if capacity == 0 || block_chars == 0 {
+            self.query_tokens += tokens;
+            return (tokens, 0);
+        }
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut hit_blocks = 0u64;
+        let mut leading = true;
+        for block in text.chunks_exact(block_chars) {
+            for b in block {
+                h ^= *b as u64;
+                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            self.clock += 1;
+            match self.stamp_of.insert(h, self.clock) {
+                Some(old) => {
+                    self.by_stamp.remove(&old);
+                    if leading {
+                        hit_blocks += 1;
+                    }
+                }
+                None => leading = false,
+            }
+            self.by_stamp.insert(self.clock, h);
+            while self.stamp_of.len() > capacity {
+                let (_, victim) = self.by_stamp.pop_first().expect("non-empty");
+                self.stamp_of.remove(&victim);
+            }
+        }
+        let cached = (hit_blocks * block_chars as u64 / 4).min(tokens);
+        self.query_tokens += tokens;
+        self.hits_tokens += cached;
+        (tokens, cached)
+    }
+}
+
 struct Sim {
     knobs: Mutex<Knobs>,
+    cache: Mutex<PrefixCache>,
     recent: Mutex<VecDeque<Recorded>>,
     running: AtomicU64,
     served: AtomicU64,
@@ -132,21 +215,34 @@ async fn models(State(s): St) -> Response {
 async fn metrics(State(s): St) -> Response {
     let k = s.knobs.lock().clone();
     let running = s.running.load(Ordering::Relaxed);
+    let (queries, hits) = {
+        let c = s.cache.lock();
+        (c.query_tokens, c.hits_tokens)
+    };
     let text = format!(
         "# HELP vllm:num_requests_running Number of requests in model execution batches.\n\
          # TYPE vllm:num_requests_running gauge\n\
          vllm:num_requests_running{{engine=\"0\",model_name=\"{m}\"}} {running}\n\
          # HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
          # TYPE vllm:num_requests_waiting gauge\n\
-         vllm:num_requests_waiting{{engine=\"0\",model_name=\"{m}\"}} 0\n\
+         vllm:num_requests_waiting{{engine=\"0\",model_name=\"{m}\"}} {waiting}\n\
          # HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n\
          # TYPE vllm:kv_cache_usage_perc gauge\n\
          vllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"{m}\"}} 0.0\n\
          # HELP vllm:request_success_total Count of successfully processed requests.\n\
          # TYPE vllm:request_success_total counter\n\
-         vllm:request_success_total{{engine=\"0\",model_name=\"{m}\"}} {served}\n",
+         vllm:request_success_total{{engine=\"0\",model_name=\"{m}\"}} {served}\n\
+         # HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of number of queried tokens.\n\
+         # TYPE vllm:prefix_cache_queries_total counter\n\
+         vllm:prefix_cache_queries_total{{engine=\"0\",model_name=\"{m}\"}} {queries}\n\
+         # HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number of cached tokens.\n\
+         # TYPE vllm:prefix_cache_hits_total counter\n\
+         vllm:prefix_cache_hits_total{{engine=\"0\",model_name=\"{m}\"}} {hits}\n",
         m = k.model,
-        served = s.served.load(Ordering::Relaxed)
+        served = s.served.load(Ordering::Relaxed),
+        queries = queries,
+        waiting = k.waiting,
+        hits = hits,
     );
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
@@ -181,35 +277,6 @@ async fn clear_recent(State(s): St) -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-/// Whitespace tokens of the prompt (the simulator's tokenizer).
-fn prompt_tokens(body: &Value) -> u32 {
-    let mut n = 0usize;
-    if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
-        for m in msgs {
-            match m.get("content") {
-                Some(Value::String(s)) => n += s.split_whitespace().count() + 1,
-                Some(Value::Array(parts)) => {
-                    for p in parts {
-                        n += p
-                            .get("text")
-                            .and_then(Value::as_str)
-                            .map(|t| t.split_whitespace().count())
-                            .unwrap_or(0);
-                    }
-                }
-                _ => n += 1,
-            }
-        }
-    } else if let Some(p) = body.get("prompt") {
-        n = match p {
-            Value::String(s) => s.split_whitespace().count(),
-            Value::Array(a) => a.len(),
-            _ => 0,
-        };
-    }
-    n.max(1) as u32
-}
-
 /// The body as a JSON object, or `None`.
 fn json_object(body: &[u8]) -> Option<Value> {
     serde_json::from_slice::<Value>(body)
@@ -217,15 +284,16 @@ fn json_object(body: &[u8]) -> Option<Value> {
         .filter(Value::is_object)
 }
 
-async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: Bytes) -> Response {
     let path = uri.path().to_string();
-    let Some(body) = json_object(&body) else {
+    let Some(body) = json_object(&raw) else {
         return err(
             StatusCode::BAD_REQUEST,
             "request body must be a JSON object",
         );
     };
-    {
+    let k = s.knobs.lock().clone();
+    if k.record {
         let mut r = s.recent.lock();
         if r.len() >= 256 {
             r.pop_front();
@@ -239,7 +307,6 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
             body: body.clone(),
         });
     }
-    let k = s.knobs.lock().clone();
     let forced = headers
         .get("x-sim-status")
         .and_then(|v| v.to_str().ok())
@@ -277,7 +344,16 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let model = body["model"].as_str().unwrap_or(&k.model).to_string();
-    let ptoks = prompt_tokens(&body);
+    let text = vllm_router_sdk::routing::routing_text(
+        &raw,
+        &vllm_router_sdk::routing::FieldIndex::new(&raw),
+    );
+    let (ptoks, cached) = s
+        .cache
+        .lock()
+        .access(text.as_bytes(), k.block_chars, k.cache_blocks);
+    let prefill_us = (ptoks - cached) * k.prefill_us_per_token;
+    let ptoks = ptoks as u32;
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let id = if chat {
         format!("chatcmpl-{}-{n}", k.worker_id)
@@ -285,14 +361,21 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         format!("cmpl-{}-{n}", k.worker_id)
     };
     let created = now();
-    let usage = json!({"prompt_tokens": ptoks, "total_tokens": ptoks + max_tokens, "completion_tokens": max_tokens, "prompt_tokens_details": null});
+    let usage = json!({"prompt_tokens": ptoks, "total_tokens": ptoks + max_tokens, "completion_tokens": max_tokens, "prompt_tokens_details": {"cached_tokens": cached}});
     let worker = k.worker_id.clone();
     s.running.fetch_add(1, Ordering::Relaxed);
 
+    let sim_headers = move |r: &mut Response| {
+        let h = r.headers_mut();
+        h.insert("x-sim-cached-tokens", cached.into());
+        h.insert("x-sim-prompt-tokens", (ptoks as u64).into());
+        h.insert("x-sim-prefill-us", prefill_us.into());
+    };
+    let ttft = Duration::from_millis(k.ttft_ms) + Duration::from_micros(prefill_us);
     if !stream {
-        let total = k.ttft_ms + k.token_delay_ms * max_tokens as u64;
-        if total > 0 {
-            tokio::time::sleep(Duration::from_millis(total)).await;
+        let total = ttft + Duration::from_millis(k.token_delay_ms * max_tokens as u64);
+        if !total.is_zero() {
+            tokio::time::sleep(total).await;
         }
         let text: String = (0..max_tokens).map(|i| format!("tok{i} ")).collect();
         let out = if chat {
@@ -310,6 +393,7 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
         let mut r = axum::Json(out).into_response();
         r.headers_mut()
             .insert("x-vllm-sim-worker", worker.parse().unwrap());
+        sim_headers(&mut r);
         return r;
     }
 
@@ -324,8 +408,8 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
                     .is_ok()
             }
         };
-        if k.ttft_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(k.ttft_ms)).await;
+        if !ttft.is_zero() {
+            tokio::time::sleep(ttft).await;
         }
         let mut ok = true;
         if chat {
@@ -373,6 +457,7 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, body: 
     );
     r.headers_mut()
         .insert("x-vllm-sim-worker", k.worker_id.parse().unwrap());
+    sim_headers(&mut r);
     r
 }
 
@@ -399,6 +484,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sim = Arc::new(Sim {
         knobs: Mutex::new(args.knobs.clone()),
+        cache: Mutex::new(PrefixCache::default()),
         recent: Mutex::new(VecDeque::new()),
         running: AtomicU64::new(0),
         served: AtomicU64::new(0),

@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
 echo "== build: router, simulator, example policy component"
 cargo build --release --workspace --locked
-cargo build --locked -p least-inflight-policy --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm
+# Example and test-only components (pick_first/pick_last for hot-swap tests, hostile
+# policies for the sandbox tests, a component of another world).
+cargo build --locked --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm \
+  -p least-inflight-policy -p test-policy-pick-first -p test-policy-pick-last \
+  -p test-policy-hostile -p test-other-world
 echo "== cargo test"
 cargo test --release --workspace --locked
 echo "== python client tests (official openai client against the router)"

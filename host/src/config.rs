@@ -71,6 +71,65 @@ pub struct Args {
     #[arg(long, default_value_t = 1000)]
     pub engine_metrics_interval_ms: u64,
 
+    /// A/B test: a second policy (built-in name) serving `--ab-percent` of requests in
+    /// slot `b` (the main policy is slot `default`).
+    #[arg(long, value_name = "NAME", conflicts_with = "ab_policy_wasm")]
+    pub ab_policy: Option<String>,
+
+    /// A/B test: the second policy from a component file (watched like `--policy-wasm`).
+    #[arg(long, value_name = "PATH")]
+    pub ab_policy_wasm: Option<PathBuf>,
+
+    /// JSON config for the A/B policy's `init`.
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub ab_policy_config: String,
+
+    /// Percentage of requests the A/B policy serves (0..=100).
+    #[arg(long, default_value_t = 10)]
+    pub ab_percent: u32,
+
+    /// Assign A/B arms by session key (x-session-id, x-user-id, ... headers, or the body's
+    /// user / session fields) so a conversation stays on one arm; requests without a key
+    /// are split at random.
+    #[arg(long)]
+    pub ab_sticky: bool,
+
+    /// Shadow policy (built-in name), slot `shadow`: decides on every request but is never
+    /// acted on; agreement with the serving arm is counted in
+    /// vllm_router_shadow_decisions_total.
+    #[arg(long, value_name = "NAME", conflicts_with = "shadow_policy_wasm")]
+    pub shadow_policy: Option<String>,
+
+    /// Shadow policy from a component file.
+    #[arg(long, value_name = "PATH")]
+    pub shadow_policy_wasm: Option<PathBuf>,
+
+    /// JSON config for the shadow policy's `init`.
+    #[arg(long, default_value = "{}", value_name = "JSON")]
+    pub shadow_policy_config: String,
+
+    /// TOML file of policy slots, replacing --policy/--ab-*/--shadow-*: `sticky = bool`
+    /// and `[[slot]]` tables with `name`, `builtin` or `path` (relative to the file),
+    /// `config` (table or JSON string), `weight` (default 1), `shadow` (default false).
+    #[arg(long, value_name = "PATH")]
+    pub policy_slots_file: Option<PathBuf>,
+
+    /// Do not watch policy files; reload only through the admin API.
+    #[arg(long)]
+    pub no_watch: bool,
+
+    /// Quiet time after a change to a policy file before it is reloaded, in ms. A file
+    /// caught half-written fails validation and is retried on its next change, so this
+    /// only saves wasted compiles.
+    #[arg(long, default_value_t = 20)]
+    pub watch_debounce_ms: u64,
+
+    /// Enables the admin API (`/admin/...`: policy slots, weights, reloads; and
+    /// `/add_worker`, `/remove_worker`) for callers sending `Authorization: Bearer KEY`.
+    /// Without a key the admin API is off.
+    #[arg(long, env = "VLLM_ROUTER_ADMIN_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub admin_api_key: Option<String>,
+
     /// Per-call time limit of a policy, in milliseconds. A call that runs longer is
     /// interrupted and the request is routed by the fallback (least in-flight).
     #[arg(long, default_value_t = 5)]
@@ -200,6 +259,19 @@ impl Args {
         if self.balance_rel_threshold < 1.0 {
             return Err("--balance-rel-threshold must be >= 1.0".into());
         }
+        if self.ab_percent > 100 {
+            return Err("--ab-percent must be within 0..=100".into());
+        }
+        for (flag, v) in [
+            ("--ab-policy-config", &self.ab_policy_config),
+            ("--shadow-policy-config", &self.shadow_policy_config),
+        ] {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(v)
+                .map_err(|e| format!("{flag} must be a JSON object: {e}"))?;
+        }
+        if self.admin_api_key.as_deref().is_some_and(|k| k.len() < 16) {
+            return Err("--admin-api-key must be at least 16 characters".into());
+        }
         if self.eviction_interval == 0 || self.max_tree_size == 0 {
             return Err("--eviction-interval and --max-tree-size must be > 0".into());
         }
@@ -209,8 +281,14 @@ impl Args {
     /// The `init` config for built-in policy `name`: its tunables from the flags, then
     /// `--policy-config` on top. Other policies get `--policy-config` alone.
     pub fn builtin_config(&self, name: &str) -> String {
+        self.builtin_config_with(name, &self.policy_config)
+    }
+
+    /// Like [`Args::builtin_config`] with `base` (a JSON object) instead of
+    /// `--policy-config`.
+    pub fn builtin_config_with(&self, name: &str, base: &str) -> String {
         let mut cfg: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&self.policy_config).unwrap_or_default();
+            serde_json::from_str(base).unwrap_or_default();
         if name == "cache_aware" {
             let flags = serde_json::json!({
                 "cache_threshold": self.cache_threshold,
@@ -233,5 +311,140 @@ impl Args {
         } else {
             self.retry_max_retries
         }
+    }
+}
+
+/// One policy slot to create at startup.
+#[derive(Debug, Clone)]
+pub struct SlotDef {
+    /// Slot name.
+    pub name: String,
+    /// Component source and `init` config.
+    pub spec: crate::policy::SlotSpec,
+    /// A/B weight.
+    pub weight: u32,
+    /// Shadow slot.
+    pub shadow: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlotsFile {
+    #[serde(default)]
+    sticky: bool,
+    #[serde(default, rename = "slot")]
+    slots: Vec<SlotFileEntry>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SlotFileEntry {
+    name: String,
+    builtin: Option<String>,
+    path: Option<PathBuf>,
+    config: Option<toml::Value>,
+    #[serde(default = "one")]
+    weight: u32,
+    #[serde(default)]
+    shadow: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Args {
+    fn source(name: Option<&String>, wasm: Option<&PathBuf>) -> Option<crate::policy::PolicySource> {
+        use crate::policy::PolicySource;
+        match (wasm, name) {
+            (Some(p), _) => Some(PolicySource::File(p.clone())),
+            (None, Some(n)) => Some(PolicySource::Builtin(n.clone())),
+            (None, None) => None,
+        }
+    }
+
+    fn spec(&self, source: crate::policy::PolicySource, config: &str) -> crate::policy::SlotSpec {
+        use crate::policy::PolicySource;
+        let config = match &source {
+            PolicySource::Builtin(n) => self.builtin_config_with(n, config),
+            PolicySource::File(_) => config.to_string(),
+        };
+        crate::policy::SlotSpec { source, config }
+    }
+
+    /// The slots to start with, and whether A/B assignment is sticky: from
+    /// `--policy-slots-file` when given, else `default` (--policy / --policy-wasm), `b`
+    /// (--ab-*) and `shadow` (--shadow-*). Errors name the flag or file entry.
+    pub fn slot_defs(&self) -> Result<(Vec<SlotDef>, bool), String> {
+        use crate::policy::PolicySource;
+        if let Some(file) = &self.policy_slots_file {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("--policy-slots-file {}: {e}", file.display()))?;
+            let parsed: SlotsFile = toml::from_str(&text)
+                .map_err(|e| format!("--policy-slots-file {}: {e}", file.display()))?;
+            let dir = file.parent().map(PathBuf::from).unwrap_or_default();
+            let mut defs = Vec::new();
+            for e in parsed.slots {
+                let source = match (e.builtin, e.path) {
+                    (Some(b), None) => PolicySource::Builtin(b),
+                    (None, Some(p)) => PolicySource::File(if p.is_absolute() { p } else { dir.join(p) }),
+                    _ => {
+                        return Err(format!(
+                            "--policy-slots-file: slot '{}' needs exactly one of `builtin` or `path`",
+                            e.name
+                        ));
+                    }
+                };
+                let config = match e.config {
+                    None => "{}".to_string(),
+                    Some(toml::Value::String(s)) => s,
+                    Some(v) => serde_json::to_string(&v).map_err(|err| {
+                        format!("--policy-slots-file: slot '{}': config: {err}", e.name)
+                    })?,
+                };
+                if defs.iter().any(|d: &SlotDef| d.name == e.name) {
+                    return Err(format!("--policy-slots-file: slot '{}' is defined twice", e.name));
+                }
+                defs.push(SlotDef {
+                    name: e.name,
+                    spec: self.spec(source, &config),
+                    weight: e.weight,
+                    shadow: e.shadow,
+                });
+            }
+            if !defs.iter().any(|d| !d.shadow && d.weight > 0) {
+                return Err("--policy-slots-file: at least one non-shadow slot needs weight > 0".into());
+            }
+            return Ok((defs, parsed.sticky));
+        }
+        let main = Self::source(Some(&self.policy), self.policy_wasm.as_ref()).expect("policy");
+        let b = Self::source(self.ab_policy.as_ref(), self.ab_policy_wasm.as_ref());
+        let main_weight = if b.is_some() { 100 - self.ab_percent } else { 100 };
+        let mut defs = vec![SlotDef {
+            name: "default".into(),
+            spec: self.spec(main, &self.policy_config),
+            weight: main_weight,
+            shadow: false,
+        }];
+        if let Some(src) = b {
+            defs.push(SlotDef {
+                name: "b".into(),
+                spec: self.spec(src, &self.ab_policy_config),
+                weight: self.ab_percent,
+                shadow: false,
+            });
+        }
+        if let Some(src) = Self::source(self.shadow_policy.as_ref(), self.shadow_policy_wasm.as_ref()) {
+            defs.push(SlotDef {
+                name: "shadow".into(),
+                spec: self.spec(src, &self.shadow_policy_config),
+                weight: 0,
+                shadow: true,
+            });
+        }
+        if !defs.iter().any(|d| !d.shadow && d.weight > 0) {
+            return Err("no policy slot would take traffic".into());
+        }
+        Ok((defs, self.ab_sticky))
     }
 }

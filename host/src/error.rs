@@ -50,6 +50,16 @@ impl ApiError {
         )
     }
 
+    /// 500 for a router bug (a task that panicked); the message says what failed.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal_error",
+            message,
+        )
+    }
+
     /// The JSON body.
     pub fn body(&self) -> String {
         serde_json::json!({

@@ -27,10 +27,10 @@ pub struct HealthConfig {
     pub endpoint: String,
 }
 
-type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
+pub type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
 
 /// The client health probes use: connect timeout `timeout`, TCP_NODELAY.
-fn probe_client(timeout: Duration) -> ProbeClient {
+pub fn probe_client(timeout: Duration) -> ProbeClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(timeout));
     http.set_nodelay(true);

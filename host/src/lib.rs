@@ -7,10 +7,12 @@
 //! Modules, one concern each: [`config`] (flags), [`server`] (routes, errors),
 //! [`proxy`] (forwarding core: retries, streaming, request ids), [`workers`] (registry,
 //! health state, in-flight), [`health`] (active probes), [`engine`] (vLLM engine-load scraping), [`policy`] (wasmtime engine,
-//! built-ins, slots, fallback), [`metrics`].
+//! built-ins, slots, A/B and shadow, fallback), [`watch`] (hot swap on file change),
+//! [`admin`] (authenticated admin API), [`metrics`].
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -21,4 +23,5 @@ pub mod proxy;
 pub mod request;
 pub mod server;
 pub mod util;
+pub mod watch;
 pub mod workers;

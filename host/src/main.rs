@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use vllm_router::config::Args;
 use vllm_router::health::{self, HealthConfig};
 use vllm_router::metrics::Metrics;
-use vllm_router::policy::{self, PolicyEngine, PolicySlot, builtin};
+use vllm_router::admin::{self, Admin};
+use vllm_router::policy::slots::build_version;
+use vllm_router::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, builtin};
+use vllm_router::watch::PolicyWatcher;
 use vllm_router::proxy::{Proxy, RetryConfig, upstream_client};
 use vllm_router::server::{AppState, app};
 use vllm_router::workers::Registry;
@@ -70,16 +73,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let args = args;
     let t0 = Instant::now();
     let engine = PolicyEngine::new(args.policy_timeout_ms, args.policy_max_memory_mb)?;
-    let config = match &args.policy_wasm {
-        Some(_) => args.policy_config.clone(),
-        None => args.builtin_config(&args.policy),
-    };
-    let version =
-        policy::load_initial(&engine, &args.policy, args.policy_wasm.as_deref(), &config)?;
-    tracing::info!(policy = %version.label, source = %version.source, "policy loaded in {:?}", t0.elapsed());
-
     let registry = Arc::new(Registry::default());
     for url in &args.worker_urls {
         registry
@@ -87,6 +83,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
     }
     let metrics = Arc::new(Metrics::new());
+    let (defs, sticky) = args.slot_defs().map_err(anyhow::Error::msg)?;
+    let mut slot_list = Vec::new();
+    for mut d in defs {
+        if let PolicySource::File(p) = &d.spec.source {
+            d.spec.source = PolicySource::File(vllm_router::watch::canonical_file(p));
+        }
+        let v = build_version(&engine, &d.spec, None, Role::Regular, &registry.snapshot())
+            .map_err(|e| anyhow::anyhow!("policy slot '{}' ({}): {e:#}", d.name, d.spec.source))?;
+        tracing::info!(slot = %d.name, policy = %v.label, source = %v.source, weight = d.weight, shadow = d.shadow, "policy loaded");
+        metrics.set_policy_info(&d.name, None, &v);
+        if !d.shadow {
+            metrics.slot_weight.with_label_values(&[&d.name]).set(d.weight as i64);
+        }
+        slot_list.push(Arc::new(PolicySlot::new(&d.name, Role::Regular, d.spec, v, d.weight, d.shadow)));
+    }
+    let slots = Arc::new(PolicySlots::new(slot_list, sticky));
+    tracing::info!("policies ready in {:?}", t0.elapsed());
     let hcfg = HealthConfig {
         interval: Duration::from_secs(args.health_check_interval_secs.max(1)),
         timeout: Duration::from_secs(args.health_check_timeout_secs.max(1)),
@@ -105,10 +118,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ));
     }
 
-    let slot = Arc::new(PolicySlot::new("default", version));
+    let watcher = if args.no_watch {
+        None
+    } else {
+        let s2 = slots.clone();
+        let lookup: vllm_router::watch::SlotLookup = Arc::new(move |path: &std::path::Path| {
+            s2.loaded_from(path)
+        });
+        let w = PolicyWatcher::start(
+            Duration::from_millis(args.watch_debounce_ms.max(1)),
+            lookup,
+            engine.clone(),
+            registry.clone(),
+            metrics.clone(),
+        )?;
+        for s in slots.all().iter() {
+            if let Some(f) = s.file() {
+                w.watch(&f)?;
+            }
+        }
+        Some(w)
+    };
+    let args = Arc::new(args);
+    let admin = Arc::new(Admin {
+        key: args.admin_api_key.clone(),
+        slots: slots.clone(),
+        engine: engine.clone(),
+        registry: registry.clone(),
+        metrics: metrics.clone(),
+        watcher,
+        args: args.clone(),
+    });
+    if admin.key.is_some() {
+        tracing::info!("admin API enabled (bearer token required)");
+    }
     let proxy = Arc::new(Proxy {
         registry: registry.clone(),
-        slot,
+        slots,
         metrics: metrics.clone(),
         client: upstream_client(),
         retry: RetryConfig {
@@ -174,7 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vllm_router::server::healthy_count(&state, Role::Regular),
         t0.elapsed()
     );
-    axum::serve(listener, app(state))
+    axum::serve(listener, app(state).merge(admin::routes(admin)))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     tracing::info!("stopped");

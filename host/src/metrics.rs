@@ -44,6 +44,14 @@ pub struct Metrics {
     pub policy_failures: IntCounterVec,
     /// Requests routed by the fallback because the policy failed, by slot.
     pub policy_fallbacks: IntCounterVec,
+    /// Policy load attempts by slot and result (loaded, unchanged, error).
+    pub policy_reloads: IntCounterVec,
+    /// The version serving in each slot (value 1; old versions' series are removed).
+    pub policy_info: IntGaugeVec,
+    /// A/B weight per slot.
+    pub slot_weight: IntGaugeVec,
+    /// Shadow decisions by shadow slot and whether they matched the serving arm.
+    pub shadow_decisions: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -82,21 +90,21 @@ impl Metrics {
             requests: counter(
                 &r,
                 "vllm_router_requests_total",
-                "Requests by route and final HTTP status.",
-                &["route", "status"],
+                "Requests by route, final HTTP status and policy slot (A/B arm; `none` when the request failed before routing).",
+                &["route", "status", "slot"],
             ),
             request_seconds: histogram(
                 &r,
                 "vllm_router_request_duration_seconds",
-                "End-to-end request duration to the end of the response body.",
-                &["route"],
+                "End-to-end request duration to the end of the response body, by route and policy slot.",
+                &["route", "slot"],
                 DURATION_BUCKETS,
             ),
             ttfb_seconds: histogram(
                 &r,
                 "vllm_router_time_to_first_byte_seconds",
-                "Time to the first response byte of streamed responses.",
-                &["route"],
+                "Time to the first response byte of streamed responses, by route and policy slot.",
+                &["route", "slot"],
                 DURATION_BUCKETS,
             ),
             request_errors: counter(
@@ -138,8 +146,8 @@ impl Metrics {
             policy_decision_seconds: histogram(
                 &r,
                 "vllm_router_policy_decision_duration_seconds",
-                "Duration of one policy select call, WebAssembly call included.",
-                &["slot", "version"],
+                "Duration of one policy select call, WebAssembly call included, by slot (see vllm_router_policy_info for the version).",
+                &["slot"],
                 DECISION_BUCKETS,
             ),
             policy_failures: counter(
@@ -154,8 +162,49 @@ impl Metrics {
                 "Requests routed by the fallback because the policy failed.",
                 &["slot"],
             ),
+            policy_reloads: counter(
+                &r,
+                "vllm_router_policy_reloads_total",
+                "Policy load attempts (file change, admin call) by slot and result: loaded, unchanged, error.",
+                &["slot", "result"],
+            ),
+            policy_info: gauge(
+                &r,
+                "vllm_router_policy_info",
+                "1 for the policy version serving in each slot.",
+                &["slot", "policy", "version", "source"],
+            ),
+            slot_weight: gauge(
+                &r,
+                "vllm_router_policy_slot_weight",
+                "A/B weight of each serving slot.",
+                &["slot"],
+            ),
+            shadow_decisions: counter(
+                &r,
+                "vllm_router_shadow_decisions_total",
+                "Decisions of shadow slots by whether they chose the same worker as the serving arm (agree, disagree, failed).",
+                &["slot", "agreement"],
+            ),
             registry: r,
         }
+    }
+
+    /// Record `new` as the version serving in `slot`, dropping `old`'s series.
+    pub fn set_policy_info(
+        &self,
+        slot: &str,
+        old: Option<&crate::policy::PolicyVersion>,
+        new: &crate::policy::PolicyVersion,
+    ) {
+        if let Some(o) = old {
+            let _ = self
+                .policy_info
+                .remove_label_values(&[slot, &o.name, &o.sha256[..12], &o.source]);
+        }
+        self.policy_info
+            .with_label_values(&[slot, &new.name, &new.sha256[..12], &new.source])
+            .set(1);
     }
 
     /// The text exposition format.

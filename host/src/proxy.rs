@@ -4,7 +4,7 @@
 
 use crate::error::ApiError;
 use crate::metrics::{Metrics, route_label};
-use crate::policy::{self, Choice, Completion, PolicySlot, Stage};
+use crate::policy::{self, Choice, Completion, PolicySlot, PolicySlots, Stage};
 use crate::request::RequestInfo;
 use crate::workers::{InFlight, Registry, Worker};
 use axum::body::Body;
@@ -78,8 +78,8 @@ pub fn is_retryable(status: StatusCode) -> bool {
 pub struct Proxy {
     /// Worker registry.
     pub registry: Arc<Registry>,
-    /// The policy slot deciding regular requests.
-    pub slot: Arc<PolicySlot>,
+    /// The policy slots (A/B arms, shadows) deciding regular requests.
+    pub slots: Arc<PolicySlots>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Upstream client.
@@ -126,27 +126,44 @@ pub enum Selector {
 }
 
 impl Proxy {
-    fn pick(&self, sel: &Selector, req: &Arc<RequestInfo>, exclude: &[u32]) -> Option<Choice> {
+    fn pick(
+        &self,
+        arm: Option<&Arc<PolicySlot>>,
+        req: &Arc<RequestInfo>,
+        exclude: &[u32],
+    ) -> Option<Choice> {
         let set = self.registry.snapshot();
-        match sel {
-            Selector::Policy => policy::choose(
-                &self.slot,
-                req,
-                Stage::Regular,
-                Role::Regular,
-                &set,
-                exclude,
-                &self.metrics,
-            ),
-            Selector::LeastLoaded => {
-                let cands = policy::candidates(&set, Role::Regular, exclude);
+        let cands = policy::candidates(&set, Role::Regular, exclude);
+        match arm {
+            Some(slot) => {
+                let choice =
+                    policy::choose(slot, req, Stage::Regular, &set, &cands, &self.metrics)?;
+                if exclude.is_empty() {
+                    let shadows = self.slots.shadows();
+                    if !shadows.is_empty() {
+                        policy::run_shadows(
+                            &shadows,
+                            req,
+                            Stage::Regular,
+                            &set,
+                            &cands,
+                            choice.worker.id,
+                            &self.metrics,
+                        );
+                    }
+                }
+                Some(choice)
+            }
+            None => {
                 if cands.is_empty() {
                     return None;
                 }
                 let id = policy::fallback_choice(&cands);
+                let slots = self.slots.all();
                 Some(Choice {
                     worker: set.get(id)?.clone(),
-                    version: self.slot.current(),
+                    slot: None,
+                    version: slots[0].current(),
                     fallback: true,
                 })
             }
@@ -201,6 +218,12 @@ impl Proxy {
     pub async fn forward(self: &Arc<Self>, req: Arc<RequestInfo>, sel: Selector) -> Response<Body> {
         let route = route_label(&req.path);
         let started = Instant::now();
+        // One arm per request: retries stay on the same A/B arm.
+        let arm = match sel {
+            Selector::Policy => Some(self.slots.pick(&req)),
+            Selector::LeastLoaded => None,
+        };
+        let arm_label = arm.as_ref().map(|s| s.name.as_str()).unwrap_or("none");
         let mut tried: Vec<u32> = Vec::new();
         let mut last_err: Option<ApiError> = None;
         for attempt in 0..self.retry.attempts {
@@ -208,7 +231,7 @@ impl Proxy {
                 self.metrics.retries.with_label_values(&[route]).inc();
                 tokio::time::sleep(self.retry.backoff(attempt - 1)).await;
             }
-            let Some(choice) = self.pick(&sel, &req, &tried) else {
+            let Some(choice) = self.pick(arm.as_ref(), &req, &tried) else {
                 break;
             };
             let worker = choice.worker.clone();
@@ -238,7 +261,7 @@ impl Proxy {
                     }
                     self.metrics
                         .worker_requests
-                        .with_label_values(&[&worker.url, &self.slot.name])
+                        .with_label_values(&[&worker.url, arm_label])
                         .inc();
                     return self.respond(req, resp, choice, guard, started, sent);
                 }
@@ -301,25 +324,25 @@ impl Proxy {
                 tried.len()
             )),
         };
-        self.finish_error(route, &err, started);
+        self.finish_error(route, arm_label, &err, started);
         let mut resp = axum::response::IntoResponse::into_response(err);
         set_request_id(resp.headers_mut(), &req.request_id);
         resp
     }
 
-    /// Count a router-side error response.
-    pub fn finish_error(&self, route: &'static str, err: &ApiError, started: Instant) {
+    /// Count a router-side error response (`slot`: the A/B arm, or `none`).
+    pub fn finish_error(&self, route: &'static str, slot: &str, err: &ApiError, started: Instant) {
         self.metrics
             .request_errors
             .with_label_values(&[route, err.code])
             .inc();
         self.metrics
             .requests
-            .with_label_values(&[route, err.status.as_str()])
+            .with_label_values(&[route, err.status.as_str(), slot])
             .inc();
         self.metrics
             .request_seconds
-            .with_label_values(&[route])
+            .with_label_values(&[route, slot])
             .observe(started.elapsed().as_secs_f64());
     }
 
@@ -404,15 +427,21 @@ struct Done {
 impl Done {
     fn finish(self) {
         let m = &self.proxy.metrics;
+        let slot = self
+            .choice
+            .slot
+            .as_ref()
+            .map(|s| s.name.as_str())
+            .unwrap_or("none");
         m.requests
-            .with_label_values(&[self.route, self.status.as_str()])
+            .with_label_values(&[self.route, self.status.as_str(), slot])
             .inc();
         m.request_seconds
-            .with_label_values(&[self.route])
+            .with_label_values(&[self.route, slot])
             .observe(self.started.elapsed().as_secs_f64());
         if let (true, Some(fb)) = (self.sse, self.first_byte) {
             m.ttfb_seconds
-                .with_label_values(&[self.route])
+                .with_label_values(&[self.route, slot])
                 .observe(fb.as_secs_f64());
         }
         self.proxy.feedback(

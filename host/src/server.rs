@@ -162,7 +162,7 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
         .unwrap_or_else(|| path.clone());
     let (rid, from_client) = request_id(&st, &parts.headers, &path);
     let fail = |e: ApiError| {
-        st.proxy.finish_error(route, &e, started);
+        st.proxy.finish_error(route, "none", &e, started);
         let mut r = e.into_response();
         set_request_id(r.headers_mut(), &rid);
         r

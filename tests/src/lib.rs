@@ -174,17 +174,71 @@ pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
     }
 }
 
-/// Path of the example `least_inflight` policy component, built by the test command
-/// (`tests/run.sh`) with `--profile policy` into `target/policy-wasm`.
-pub fn example_policy_wasm() -> PathBuf {
-    let p =
-        workspace_root().join("target/policy-wasm/wasm32-wasip2/policy/least_inflight_policy.wasm");
+/// Path of a component built by the test command (`tests/run.sh`) with `--profile
+/// policy` into `target/policy-wasm`: `least_inflight_policy`, `test_policy_pick_first`,
+/// `test_policy_pick_last`, `test_policy_hostile`, `other_world`, or a built-in
+/// `policy_*`.
+pub fn policy_wasm(stem: &str) -> PathBuf {
+    let p = workspace_root().join(format!("target/policy-wasm/wasm32-wasip2/policy/{stem}.wasm"));
     assert!(
         p.exists(),
-        "{} missing: build it with `cargo build -p least-inflight-policy --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm`",
+        "{} missing: build it with tests/run.sh (cargo build --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm -p ...)",
         p.display()
     );
     p
+}
+
+/// Path of the example `least_inflight` policy component.
+pub fn example_policy_wasm() -> PathBuf {
+    policy_wasm("least_inflight_policy")
+}
+
+/// A fresh temporary directory (removed when dropped).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Create `$TMPDIR/vllm-router-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("vllm-router-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The router's Prometheus text (`/metrics` on its metrics port).
+pub async fn router_metrics(router: &Proc) -> String {
+    client()
+        .get(format!("http://127.0.0.1:{}/metrics", router.metrics_port))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Sum of the samples of metric `name` whose label set contains every `labels` pair
+/// (`k="v"` strings).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|kv| l.contains(kv)))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
 }
 
 /// Base URLs of simulated workers.

@@ -259,7 +259,12 @@ async fn policy_wasm_loads_the_example_policy_and_it_decides() {
         .text()
         .await
         .unwrap();
-    assert!(m.contains("version=\"least_inflight_policy@"), "{m}");
+    assert!(
+        m.contains("vllm_router_policy_info{")
+            && m.contains("policy=\"least_inflight_policy\"")
+            && m.contains("source=\"/"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,49 +4,25 @@
 
 pub mod builtin;
 pub mod runtime;
+pub mod slots;
 
 use crate::metrics::Metrics;
 use crate::request::RequestInfo;
 use crate::workers::{Worker, WorkerSet};
-use arc_swap::ArcSwap;
 pub use runtime::{Completion, PolicyEngine, PolicyFault, PolicyVersion, Stage};
+pub use slots::{PolicySlot, PolicySlots, PolicySource, SlotSpec};
 pub use vllm_router_sdk::{Candidate, EngineLoad};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use vllm_router_sdk::Role;
 
-/// A named policy slot holding the version that currently decides.
-pub struct PolicySlot {
-    /// Slot name (`default`, `prefill`, `decode`, or an A/B arm).
-    pub name: String,
-    current: ArcSwap<PolicyVersion>,
-}
-
-impl PolicySlot {
-    /// A slot serving `version`.
-    pub fn new(name: &str, version: Arc<PolicyVersion>) -> Self {
-        PolicySlot {
-            name: name.to_string(),
-            current: ArcSwap::new(version),
-        }
-    }
-
-    /// The version deciding now.
-    pub fn current(&self) -> Arc<PolicyVersion> {
-        self.current.load_full()
-    }
-
-    /// Publish a new version; requests already routed keep the old one until they end.
-    pub fn publish(&self, version: Arc<PolicyVersion>) {
-        self.current.store(version);
-    }
-}
-
 /// The outcome of choosing a worker for one attempt.
 pub struct Choice {
     /// The chosen worker.
     pub worker: Arc<Worker>,
+    /// The slot (A/B arm) that decided; `None` for routes that bypass policies.
+    pub slot: Option<Arc<PolicySlot>>,
     /// The policy version asked (also when the fallback decided).
     pub version: Arc<PolicyVersion>,
     /// True when the fallback chose because the policy failed.
@@ -90,24 +66,23 @@ pub fn candidates(set: &WorkerSet, role: Role, exclude: &[u32]) -> Vec<Candidate
 /// A policy fault is counted, logged at warn (with slot and version) and answered by
 /// [`fallback_choice`].
 pub fn choose(
-    slot: &PolicySlot,
+    slot: &Arc<PolicySlot>,
     req: &Arc<RequestInfo>,
     stage: Stage,
-    role: Role,
     set: &WorkerSet,
-    exclude: &[u32],
+    cands: &[Candidate],
     metrics: &Metrics,
 ) -> Option<Choice> {
-    let cands = candidates(set, role, exclude);
     if cands.is_empty() {
         return None;
     }
+    slot.count_decision();
     let version = slot.current();
     let t0 = Instant::now();
-    let result = version.select(req, stage, set, &cands);
+    let result = version.select(req, stage, set, cands);
     metrics
         .policy_decision_seconds
-        .with_label_values(&[slot.name.as_str(), &*version.label])
+        .with_label_values(&[slot.name.as_str()])
         .observe(t0.elapsed().as_secs_f64());
     let (id, fallback) = match result {
         Ok(id) => (id, false),
@@ -122,45 +97,55 @@ pub fn choose(
                 .inc();
             tracing::warn!(slot = %slot.name, policy = %version.label, request_id = %req.request_id,
                 "policy failed ({fault}); routed by fallback (least in-flight)");
-            (fallback_choice(&cands), true)
+            (fallback_choice(cands), true)
         }
     };
     let worker = set.get(id)?.clone();
     Some(Choice {
         worker,
+        slot: Some(slot.clone()),
         version,
         fallback,
     })
 }
 
-/// Load the policy named by the flags: a file (`--policy-wasm`) or a built-in.
-pub fn load_initial(
-    engine: &Arc<PolicyEngine>,
-    policy: &str,
-    wasm: Option<&std::path::Path>,
-    config: &str,
-) -> anyhow::Result<Arc<PolicyVersion>> {
-    match wasm {
-        Some(path) => {
-            let bytes = std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!("cannot read --policy-wasm {}: {e}", path.display())
-            })?;
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_else(|| "custom".into());
-            engine
-                .load(&name, &path.display().to_string(), &bytes, config)
-                .map_err(|e| anyhow::anyhow!("cannot load policy {}: {e:#}", path.display()))
-        }
-        None => {
-            let b = builtin::find(policy).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "unknown --policy '{policy}'; built-in policies: {}",
-                    builtin::names()
-                )
-            })?;
-            engine.load(b.name, &format!("builtin:{}", b.name), b.wasm, config)
-        }
+/// Let each shadow slot decide on the same candidates and count whether it agreed with
+/// the serving choice `chosen`. Never affects routing; faults only count as `failed`.
+pub fn run_shadows(
+    shadows: &[Arc<PolicySlot>],
+    req: &Arc<RequestInfo>,
+    stage: Stage,
+    set: &WorkerSet,
+    cands: &[Candidate],
+    chosen: u32,
+    metrics: &Metrics,
+) {
+    for s in shadows {
+        s.count_decision();
+        let v = s.current();
+        let t0 = Instant::now();
+        let r = v.select(req, stage, set, cands);
+        metrics
+            .policy_decision_seconds
+            .with_label_values(&[s.name.as_str()])
+            .observe(t0.elapsed().as_secs_f64());
+        let agreement = match r {
+            Ok(id) if id == chosen => {
+                s.count_agreement();
+                "agree"
+            }
+            Ok(_) => "disagree",
+            Err(fault) => {
+                metrics
+                    .policy_failures
+                    .with_label_values(&[s.name.as_str(), &*v.label, fault.kind()])
+                    .inc();
+                "failed"
+            }
+        };
+        metrics
+            .shadow_decisions
+            .with_label_values(&[s.name.as_str(), agreement])
+            .inc();
     }
 }

@@ -149,7 +149,13 @@ pub struct PolicyEngine {
     pub call_ticks: u64,
     /// Linear-memory cap per instance, in bytes.
     pub max_memory: usize,
+    /// Recently compiled components by SHA-256, most recent last: a rollback to a
+    /// version seen before (A → B → A) skips compilation (tens of milliseconds).
+    compiled: Mutex<Vec<(String, PolicyPre<PolicyState>)>>,
 }
+
+/// Compiled components kept for fast rollbacks.
+const COMPILED_CACHE: usize = 8;
 
 impl PolicyEngine {
     /// Build the engine and start its epoch ticker thread (stops when the engine drops).
@@ -167,6 +173,7 @@ impl PolicyEngine {
             linker,
             call_ticks: timeout_ms.max(1),
             max_memory: (max_memory_mb as usize) << 20,
+            compiled: Mutex::new(Vec::new()),
         });
         let weak: Weak<PolicyEngine> = Arc::downgrade(&me);
         std::thread::Builder::new()
@@ -192,15 +199,35 @@ impl PolicyEngine {
         config: &str,
     ) -> anyhow::Result<Arc<PolicyVersion>> {
         let sha256 = hex::encode(Sha256::digest(bytes));
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
-        let pre = PolicyPre::new(pre).map_err(|e| {
-            anyhow::anyhow!("component does not export vllm:router-policy/balancer@0.1.x: {e:#}")
-        })?;
+        let cached = {
+            let mut c = self.compiled.lock();
+            c.iter().position(|(h, _)| *h == sha256).map(|i| {
+                let e = c.remove(i);
+                let pre = e.1.clone();
+                c.push(e);
+                pre
+            })
+        };
+        let pre = match cached {
+            Some(pre) => pre,
+            None => {
+                let component = Component::new(&self.engine, bytes)
+                    .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+                let pre = self
+                    .linker
+                    .instantiate_pre(&component)
+                    .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
+                let pre = PolicyPre::new(pre).map_err(|e| {
+                    anyhow::anyhow!("component does not export vllm:router-policy/balancer@0.1.x: {e:#}")
+                })?;
+                let mut c = self.compiled.lock();
+                c.push((sha256.clone(), pre.clone()));
+                if c.len() > COMPILED_CACHE {
+                    c.remove(0);
+                }
+                pre
+            }
+        };
         let version = Arc::new(PolicyVersion {
             name: name.to_string(),
             label: format!("{name}@{}", &sha256[..12]).into(),

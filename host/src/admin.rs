@@ -1,0 +1,355 @@
+//! The admin API: policy slots (list, load/replace, reload, weights, promote, remove) and
+//! worker membership (`/add_worker`, `/remove_worker`, as in vllm-project/router).
+//!
+//! Off unless `--admin-api-key` (or `VLLM_ROUTER_ADMIN_API_KEY`) is set; then every call
+//! needs `Authorization: Bearer KEY`, compared in constant time. Without a key the routes
+//! answer 404 (the API does not exist); with a wrong or missing token, 401. Every
+//! answer is JSON; a failed load changes nothing and says why.
+
+use crate::config::Args;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, SlotSpec, slots};
+use crate::watch::PolicyWatcher;
+use crate::workers::Registry;
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use vllm_router_sdk::Role;
+
+/// What the admin handlers work on.
+pub struct Admin {
+    /// Bearer token; `None` = admin API off.
+    pub key: Option<String>,
+    /// Regular-request slots.
+    pub slots: Arc<PolicySlots>,
+    /// The wasmtime engine policies load into.
+    pub engine: Arc<PolicyEngine>,
+    /// Worker registry.
+    pub registry: Arc<Registry>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// File watcher (absent with `--no-watch`).
+    pub watcher: Option<Arc<PolicyWatcher>>,
+    /// Flags (built-in tunables, health probe settings).
+    pub args: Arc<Args>,
+}
+
+type St = State<Arc<Admin>>;
+
+/// The admin routes, to be merged into the client-facing router.
+pub fn routes(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/admin/policies", get(list))
+        .route(
+            "/admin/policies/{name}",
+            put(load).delete(remove).get(show),
+        )
+        .route("/admin/policies/{name}/reload", post(reload))
+        .route("/admin/policies/{name}/promote", post(promote))
+        .route("/admin/weights", put(weights))
+        .route("/add_worker", post(add_worker))
+        .route("/remove_worker", post(remove_worker))
+        .layer(middleware::from_fn_with_state(admin.clone(), auth))
+        .with_state(admin)
+}
+
+async fn auth(State(a): St, req: Request, next: Next) -> Response {
+    let Some(key) = &a.key else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "admin_disabled",
+            "the admin API is off; start the router with --admin-api-key to enable it",
+        )
+        .into_response();
+    };
+    let given = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid_admin_token",
+            "admin calls need `Authorization: Bearer <--admin-api-key>`",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn slot_json(s: &PolicySlot) -> Value {
+    let v = s.current();
+    let loaded_at = v
+        .loaded_at
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json!({
+        "name": s.name,
+        "policy": v.name,
+        "version": &v.sha256[..12],
+        "sha256": v.sha256,
+        "source": v.source,
+        "config": serde_json::from_str::<Value>(&v.config).unwrap_or(Value::Null),
+        "loaded_at_unix_s": loaded_at,
+        "weight": s.weight(),
+        "shadow": s.shadow,
+        "decisions": s.decisions(),
+        "shadow_agreements": if s.shadow { json!(s.shadow_agreements()) } else { Value::Null },
+        "faults": v.faults(),
+        "last_reload": s.last_reload(),
+    })
+}
+
+fn bad(code: &'static str, msg: impl Into<String>) -> Response {
+    ApiError::bad_request(code, msg).into_response()
+}
+
+fn not_found(name: &str) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no_such_slot",
+        format!("no policy slot named '{name}'"),
+    )
+    .into_response()
+}
+
+async fn list(State(a): St) -> Response {
+    let slots: Vec<Value> = a.slots.all().iter().map(|s| slot_json(s)).collect();
+    axum::Json(json!({"slots": slots, "sticky": a.slots.sticky})).into_response()
+}
+
+async fn show(State(a): St, Path(name): Path<String>) -> Response {
+    match a.slots.get(&name) {
+        Some(s) => axum::Json(slot_json(&s)).into_response(),
+        None => not_found(&name),
+    }
+}
+
+/// Body of `PUT /admin/policies/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadBody {
+    builtin: Option<String>,
+    path: Option<std::path::PathBuf>,
+    config: Option<Value>,
+    sha256: Option<String>,
+    weight: Option<u32>,
+    shadow: Option<bool>,
+}
+
+async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+    let b: LoadBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad("invalid_json", format!("expected {{\"builtin\"|\"path\", \"config\"?, \"sha256\"?, \"weight\"?, \"shadow\"?}}: {e}")),
+    };
+    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        return bad("invalid_slot_name", "slot names are 1-64 characters of [A-Za-z0-9_-]");
+    }
+    let existing = a.slots.get(&name);
+    let source = match (b.builtin, b.path) {
+        (Some(n), None) => PolicySource::Builtin(n),
+        (None, Some(p)) => PolicySource::File(crate::watch::canonical_file(&p)),
+        (None, None) => match &existing {
+            Some(s) => s.spec().source,
+            None => return bad("missing_source", "give `builtin` or `path`"),
+        },
+        (Some(_), Some(_)) => return bad("ambiguous_source", "give `builtin` or `path`, not both"),
+    };
+    let config = match b.config {
+        None => existing
+            .as_ref()
+            .filter(|s| s.spec().source == source)
+            .map(|s| s.spec().config)
+            .unwrap_or_else(|| "{}".to_string()),
+        Some(Value::Object(m)) => Value::Object(m).to_string(),
+        Some(_) => return bad("invalid_config", "`config` must be a JSON object"),
+    };
+    let config = match &source {
+        PolicySource::Builtin(n) => a.args.builtin_config_with(n, &config),
+        PolicySource::File(_) => config,
+    };
+    let spec = SlotSpec { source: source.clone(), config };
+    let a2 = a.clone();
+    let pin = b.sha256.clone();
+    // Compiling takes tens of milliseconds: keep it off the async workers.
+    let result = tokio::task::spawn_blocking(move || -> Result<Arc<PolicySlot>, String> {
+        match existing {
+            Some(slot) => {
+                if b.shadow.is_some_and(|sh| sh != slot.shadow) {
+                    return Err("a slot cannot change between serving and shadow; remove it and load it again".into());
+                }
+                slot.reload(&a2.engine, &a2.registry, &a2.metrics, Some(spec), pin.as_deref())
+                    .map_err(|e| format!("{e:#}"))?;
+                if let Some(w) = b.weight {
+                    a2.slots.set_weights(&[(slot.name.clone(), w)])?;
+                }
+                Ok(slot)
+            }
+            None => {
+                let set = a2.registry.snapshot();
+                let v = slots::build_version(&a2.engine, &spec, pin.as_deref(), Role::Regular, &set)
+                    .map_err(|e| format!("{e:#}"))?;
+                let shadow = b.shadow.unwrap_or(false);
+                let slot = Arc::new(PolicySlot::new(&name, Role::Regular, spec, v.clone(), if shadow { 0 } else { b.weight.unwrap_or(0) }, shadow));
+                a2.metrics.set_policy_info(&name, None, &v);
+                a2.slots.upsert(slot.clone());
+                tracing::info!(slot = %name, policy = %v.label, weight = slot.weight(), shadow, "policy slot added");
+                Ok(slot)
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(slot)) => {
+            if let (Some(w), Some(f)) = (&a.watcher, slot.file()) {
+                if let Err(e) = w.watch(&f) {
+                    tracing::warn!("{e:#}");
+                }
+            }
+            a.metrics.slot_weight.with_label_values(&[&slot.name]).set(slot.weight() as i64);
+            axum::Json(slot_json(&slot)).into_response()
+        }
+        Ok(Err(msg)) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "policy_load_failed",
+            format!("policy not loaded, nothing changed: {msg}"),
+        )
+        .into_response(),
+        Err(e) => ApiError::internal(format!("load task failed: {e}")).into_response(),
+    }
+}
+
+async fn reload(State(a): St, Path(name): Path<String>) -> Response {
+    let Some(slot) = a.slots.get(&name) else {
+        return not_found(&name);
+    };
+    let a2 = a.clone();
+    let s2 = slot.clone();
+    let r = tokio::task::spawn_blocking(move || s2.reload(&a2.engine, &a2.registry, &a2.metrics, None, None)).await;
+    match r {
+        Ok(Ok(_)) => axum::Json(slot_json(&slot)).into_response(),
+        Ok(Err(e)) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "policy_load_failed",
+            format!("reload refused, last good version keeps serving: {e:#}"),
+        )
+        .into_response(),
+        Err(e) => ApiError::internal(format!("reload task failed: {e}")).into_response(),
+    }
+}
+
+async fn remove(State(a): St, Path(name): Path<String>) -> Response {
+    match a.slots.remove(&name) {
+        Ok(s) => {
+            let v = s.current();
+            let _ = a.metrics.policy_info.remove_label_values(&[&name, &v.name, &v.sha256[..12], &v.source]);
+            let _ = a.metrics.slot_weight.remove_label_values(&[&name]);
+            tracing::info!(slot = %name, "policy slot removed");
+            axum::Json(json!({"removed": name})).into_response()
+        }
+        Err(msg) if msg.starts_with("no slot") => not_found(&name),
+        Err(msg) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "slot_in_use", msg).into_response(),
+    }
+}
+
+async fn weights(State(a): St, body: axum::body::Bytes) -> Response {
+    let m: std::collections::BTreeMap<String, u32> = match serde_json::from_slice(&body) {
+        Ok(m) => m,
+        Err(e) => return bad("invalid_json", format!("expected {{\"slot\": weight, ...}}: {e}")),
+    };
+    let w: Vec<(String, u32)> = m.into_iter().collect();
+    match a.slots.set_weights(&w) {
+        Ok(()) => {
+            for s in a.slots.all().iter().filter(|s| !s.shadow) {
+                a.metrics.slot_weight.with_label_values(&[&s.name]).set(s.weight() as i64);
+            }
+            tracing::info!(?w, "A/B weights changed");
+            list(State(a)).await
+        }
+        Err(msg) => bad("invalid_weights", msg),
+    }
+}
+
+async fn promote(State(a): St, Path(name): Path<String>) -> Response {
+    match a.slots.promote(&name) {
+        Ok(()) => {
+            for s in a.slots.all().iter().filter(|s| !s.shadow) {
+                a.metrics.slot_weight.with_label_values(&[&s.name]).set(s.weight() as i64);
+            }
+            tracing::info!(slot = %name, "slot promoted: takes all traffic");
+            list(State(a)).await
+        }
+        Err(msg) => bad("invalid_slot", msg),
+    }
+}
+
+#[derive(Deserialize)]
+struct UrlQuery {
+    url: Option<String>,
+}
+
+async fn add_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
+    let Some(url) = q.url else {
+        return bad("missing_url", "POST /add_worker?url=http://host:port");
+    };
+    let uri: http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => return bad("invalid_url", format!("'{url}' is not a URL: {e}")),
+    };
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return bad("invalid_url", format!("'{url}' must look like http://host:port"));
+    }
+    let probe = format!("{}{}", url.trim_end_matches('/'), a.args.health_check_endpoint);
+    let client = reqwest_like_probe(Duration::from_secs(a.args.health_check_timeout_secs.max(1)));
+    if !client(probe.clone()).await {
+        return bad("worker_unhealthy", format!("{probe} did not answer 2xx; worker not added"));
+    }
+    match a.registry.add(&url, Role::Regular, 1) {
+        Ok(ids) => {
+            tracing::info!(worker = %url, "worker added by admin API");
+            axum::Json(json!({"added": url, "ids": ids})).into_response()
+        }
+        Err(e) => bad("invalid_url", e),
+    }
+}
+
+async fn remove_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
+    let Some(url) = q.url else {
+        return bad("missing_url", "POST /remove_worker?url=http://host:port");
+    };
+    let n = a.registry.remove(&url);
+    if n == 0 {
+        return ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no_such_worker", format!("no worker {url}")).into_response();
+    }
+    tracing::info!(worker = %url, removed = n, "worker removed by admin API");
+    axum::Json(json!({"removed": url, "workers": n})).into_response()
+}
+
+/// One GET with a timeout; true on 2xx.
+fn reqwest_like_probe(timeout: Duration) -> impl Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+    let client = crate::health::probe_client(timeout);
+    move |url: String| {
+        let client = client.clone();
+        Box::pin(async move {
+            let Ok(uri) = url.parse::<http::Uri>() else { return false };
+            matches!(tokio::time::timeout(timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
+        })
+    }
+}

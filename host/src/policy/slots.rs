@@ -1,0 +1,523 @@
+//! Named policy slots: where a policy version comes from (built-in or file), how it is
+//! (re)loaded safely, and how requests are split between A/B arms and shadow slots.
+//!
+//! Loading or replacing a slot never disturbs serving: the new version is compiled,
+//! instantiated, `init`-ed with the slot's config and smoke-tested with one `select` on
+//! the current worker snapshot **before** it is published with one atomic pointer swap;
+//! requests already routed keep the version they started with. When both versions
+//! implement the state hooks, the new one starts from the old one's exported state (a
+//! swapped cache_aware keeps its warm tree). Any failure leaves the running version in
+//! place and is recorded as the slot's last reload result.
+
+use super::builtin;
+use super::runtime::{PolicyEngine, PolicyVersion, Stage};
+use crate::metrics::Metrics;
+use crate::request::RequestInfo;
+use crate::workers::{Registry, WorkerSet};
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::SystemTime;
+use vllm_router_sdk::{Candidate, Role};
+
+/// Where a slot's component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// An embedded built-in, by name.
+    Builtin(String),
+    /// A component file (watched for changes unless `--no-watch`).
+    File(PathBuf),
+}
+
+impl std::fmt::Display for PolicySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicySource::Builtin(n) => write!(f, "builtin:{n}"),
+            PolicySource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// What to load into a slot: the component and its JSON `init` config.
+#[derive(Debug, Clone)]
+pub struct SlotSpec {
+    /// Component source.
+    pub source: PolicySource,
+    /// JSON object passed to `init`.
+    pub config: String,
+}
+
+/// Outcome of the latest load attempt of a slot, shown by the admin API.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// Seconds since the Unix epoch.
+    pub at_unix_s: u64,
+    /// `loaded`, `unchanged` or `error`.
+    pub result: &'static str,
+    /// The version label on success, the reason on error.
+    pub message: String,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A named policy slot: the version deciding now, where it came from, its A/B weight.
+pub struct PolicySlot {
+    /// Slot name (`default`, an A/B arm, `prefill`, `decode`, ...).
+    pub name: String,
+    /// Worker role this slot chooses among (its smoke test uses workers of this role).
+    pub role: Role,
+    /// A shadow slot decides on every request but is never acted on.
+    pub shadow: bool,
+    current: ArcSwap<PolicyVersion>,
+    spec: Mutex<SlotSpec>,
+    weight: AtomicU32,
+    decisions: AtomicU64,
+    shadow_agree: AtomicU64,
+    last_reload: Mutex<ReloadStatus>,
+    /// Serialises loads of this slot (file events and admin calls may race).
+    load_lock: Mutex<()>,
+}
+
+/// Read a spec's component bytes.
+fn read_source(source: &PolicySource) -> anyhow::Result<(String, Vec<u8>)> {
+    match source {
+        PolicySource::Builtin(n) => {
+            let b = builtin::find(n).ok_or_else(|| {
+                anyhow::anyhow!("unknown built-in policy '{n}'; built-ins: {}", builtin::names())
+            })?;
+            Ok((b.name.to_string(), b.wasm.to_vec()))
+        }
+        PolicySource::File(p) => {
+            let bytes = std::fs::read(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "custom".into());
+            Ok((name, bytes))
+        }
+    }
+}
+
+fn smoke_request() -> Arc<RequestInfo> {
+    let body = bytes::Bytes::from_static(
+        br#"{"model":"smoke-test","messages":[{"role":"user","content":"router smoke test"}]}"#,
+    );
+    let mut info = RequestInfo::from_json(
+        http::Method::POST,
+        "/v1/chat/completions".into(),
+        "/v1/chat/completions".into(),
+        http::HeaderMap::new(),
+        body,
+    )
+    .expect("static JSON");
+    info.request_id = "smoke-test".into();
+    Arc::new(info)
+}
+
+/// Build and validate a version from `spec`: read, check the optional sha256 pin,
+/// compile, instantiate, `init`, then one `select` over the workers of `role` in `set`
+/// (all of them, healthy or not; skipped when there are none). The error says which step
+/// failed.
+pub fn build_version(
+    engine: &Arc<PolicyEngine>,
+    spec: &SlotSpec,
+    pin_sha256: Option<&str>,
+    role: Role,
+    set: &WorkerSet,
+) -> anyhow::Result<Arc<PolicyVersion>> {
+    let (name, bytes) = read_source(&spec.source)?;
+    if bytes.is_empty() {
+        anyhow::bail!("{} is empty", spec.source);
+    }
+    if let Some(pin) = pin_sha256 {
+        let got = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if !got.eq_ignore_ascii_case(pin) {
+            anyhow::bail!("sha256 mismatch: file has {got}, pinned {pin}");
+        }
+    }
+    let version = engine.load(&name, &spec.source.to_string(), &bytes, &spec.config)?;
+    let cands: Vec<Candidate> = set
+        .workers
+        .iter()
+        .filter(|w| w.role == role)
+        .map(|w| Candidate {
+            id: w.id,
+            in_flight: w.in_flight(),
+            engine: None,
+        })
+        .collect();
+    if !cands.is_empty() {
+        let stage = match role {
+            Role::Regular => Stage::Regular,
+            Role::Prefill => Stage::Prefill,
+            Role::Decode => Stage::Decode,
+        };
+        version
+            .select(&smoke_request(), stage, set, &cands)
+            .map_err(|f| anyhow::anyhow!("smoke-test select failed: {f}"))?;
+    }
+    Ok(version)
+}
+
+impl PolicySlot {
+    /// A slot serving `version`, loaded from `spec`.
+    pub fn new(
+        name: &str,
+        role: Role,
+        spec: SlotSpec,
+        version: Arc<PolicyVersion>,
+        weight: u32,
+        shadow: bool,
+    ) -> Self {
+        let status = ReloadStatus {
+            at_unix_s: unix_now(),
+            result: "loaded",
+            message: version.label.to_string(),
+        };
+        PolicySlot {
+            name: name.to_string(),
+            role,
+            shadow,
+            current: ArcSwap::new(version),
+            spec: Mutex::new(spec),
+            weight: AtomicU32::new(weight),
+            decisions: AtomicU64::new(0),
+            shadow_agree: AtomicU64::new(0),
+            last_reload: Mutex::new(status),
+            load_lock: Mutex::new(()),
+        }
+    }
+
+    /// The version deciding now.
+    pub fn current(&self) -> Arc<PolicyVersion> {
+        self.current.load_full()
+    }
+
+    /// Publish a new version; requests already routed keep the old one until they end.
+    pub fn publish(&self, version: Arc<PolicyVersion>) {
+        self.current.store(version);
+    }
+
+    /// Where the slot's component comes from now.
+    pub fn spec(&self) -> SlotSpec {
+        self.spec.lock().clone()
+    }
+
+    /// The file this slot is loaded from, if any.
+    pub fn file(&self) -> Option<PathBuf> {
+        match &self.spec.lock().source {
+            PolicySource::File(p) => Some(p.clone()),
+            PolicySource::Builtin(_) => None,
+        }
+    }
+
+    /// A/B weight (relative; 0 = takes no traffic).
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Set the A/B weight.
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w, Ordering::Relaxed);
+    }
+
+    /// Decisions made by this slot (serving or shadow).
+    pub fn decisions(&self) -> u64 {
+        self.decisions.load(Ordering::Relaxed)
+    }
+
+    /// Count one decision.
+    pub fn count_decision(&self) {
+        self.decisions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Shadow decisions that agreed with the serving arm.
+    pub fn shadow_agreements(&self) -> u64 {
+        self.shadow_agree.load(Ordering::Relaxed)
+    }
+
+    /// Count a shadow decision that agreed with the serving arm.
+    pub fn count_agreement(&self) {
+        self.shadow_agree.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The latest load attempt.
+    pub fn last_reload(&self) -> ReloadStatus {
+        self.last_reload.lock().clone()
+    }
+
+    /// Load `spec` (or the current spec when `None`) and publish it if it validates.
+    /// Skips (`Ok(false)`) when the bytes are identical to the serving version's and the
+    /// config did not change. On failure nothing changes except the recorded status.
+    pub fn reload(
+        &self,
+        engine: &Arc<PolicyEngine>,
+        registry: &Registry,
+        metrics: &Metrics,
+        spec: Option<SlotSpec>,
+        pin_sha256: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let _serial = self.load_lock.lock();
+        let t0 = std::time::Instant::now();
+        let spec = spec.unwrap_or_else(|| self.spec());
+        let old = self.current();
+        let outcome = (|| -> anyhow::Result<Option<Arc<PolicyVersion>>> {
+            let (_, bytes) = read_source(&spec.source)?;
+            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+            if sha == old.sha256 && spec.config == old.config && pin_sha256.is_none() {
+                return Ok(None);
+            }
+            let set = registry.snapshot();
+            let new = build_version(engine, &spec, pin_sha256, self.role, &set)?;
+            // State hand-off: both sides must implement it; a refusal means "start cold".
+            let state = old.export_state(&set);
+            if !state.is_empty() {
+                match new.import_state(&set, &state) {
+                    Ok(true) => tracing::info!(slot = %self.name, from = %old.label, to = %new.label, bytes = state.len(), "policy state handed over"),
+                    Ok(false) => tracing::info!(slot = %self.name, to = %new.label, "new version declined the previous state; starting cold"),
+                    Err(f) => anyhow::bail!("state import failed: {f}"),
+                }
+            }
+            Ok(Some(new))
+        })();
+        let status = match &outcome {
+            Ok(Some(v)) => ReloadStatus {
+                at_unix_s: unix_now(),
+                result: "loaded",
+                message: v.label.to_string(),
+            },
+            Ok(None) => ReloadStatus {
+                at_unix_s: unix_now(),
+                result: "unchanged",
+                message: old.label.to_string(),
+            },
+            Err(e) => ReloadStatus {
+                at_unix_s: unix_now(),
+                result: "error",
+                message: format!("{e:#}"),
+            },
+        };
+        metrics
+            .policy_reloads
+            .with_label_values(&[self.name.as_str(), status.result])
+            .inc();
+        *self.last_reload.lock() = status;
+        match outcome {
+            Ok(Some(v)) => {
+                tracing::info!(slot = %self.name, from = %old.label, to = %v.label, source = %spec.source, "policy swapped (validated and published in {:?})", t0.elapsed());
+                metrics.set_policy_info(&self.name, Some(&old), &v);
+                *self.spec.lock() = spec;
+                self.publish(v);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => {
+                tracing::warn!(slot = %self.name, serving = %old.label, source = %spec.source, "policy load refused, last good version keeps serving: {e:#}");
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The slots deciding regular requests: A/B arms (weights) and shadows.
+pub struct PolicySlots {
+    list: ArcSwap<Vec<Arc<PolicySlot>>>,
+    /// Sticky arm assignment by session key (`--ab-sticky`).
+    pub sticky: bool,
+    edit: Mutex<()>,
+}
+
+/// Headers, then body fields, that identify a session for sticky A/B assignment (the
+/// same priority as consistent_hash).
+const SESSION_HEADERS: &[&str] = &[
+    "x-session-id",
+    "x-user-id",
+    "x-tenant-id",
+    "x-request-id",
+    "x-correlation-id",
+    "x-trace-id",
+];
+const SESSION_FIELDS: &[&str] = &["session_params.session_id", "user", "session_id", "user_id"];
+
+fn hash64(s: &[u8]) -> u64 {
+    // FNV-1a + fmix64: stable across processes (sticky arms agree between replicas).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^ (h >> 33)
+}
+
+impl PolicySlots {
+    /// Slots in order; at least one non-shadow slot.
+    pub fn new(slots: Vec<Arc<PolicySlot>>, sticky: bool) -> Self {
+        PolicySlots {
+            list: ArcSwap::new(Arc::new(slots)),
+            sticky,
+            edit: Mutex::new(()),
+        }
+    }
+
+    /// All slots.
+    pub fn all(&self) -> Arc<Vec<Arc<PolicySlot>>> {
+        self.list.load_full()
+    }
+
+    /// A slot by name.
+    pub fn get(&self, name: &str) -> Option<Arc<PolicySlot>> {
+        self.list.load().iter().find(|s| s.name == name).cloned()
+    }
+
+    /// Add a slot, or replace the one with the same name.
+    pub fn upsert(&self, slot: Arc<PolicySlot>) {
+        let _g = self.edit.lock();
+        let mut v: Vec<_> = self.list.load().iter().cloned().collect();
+        match v.iter().position(|s| s.name == slot.name) {
+            Some(i) => v[i] = slot,
+            None => v.push(slot),
+        }
+        self.list.store(Arc::new(v));
+    }
+
+    /// Remove a slot. Refused when it would leave no serving arm with weight > 0.
+    pub fn remove(&self, name: &str) -> Result<Arc<PolicySlot>, String> {
+        let _g = self.edit.lock();
+        let v: Vec<_> = self.list.load().iter().cloned().collect();
+        let Some(i) = v.iter().position(|s| s.name == name) else {
+            return Err(format!("no slot named '{name}'"));
+        };
+        let rest: Vec<_> = v.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, s)| s.clone()).collect();
+        if !rest.iter().any(|s| !s.shadow && s.weight() > 0) {
+            return Err(format!(
+                "removing '{name}' would leave no serving slot with weight > 0; promote another slot first"
+            ));
+        }
+        self.list.store(Arc::new(rest));
+        Ok(v[i].clone())
+    }
+
+    /// Set weights by slot name; all-or-nothing. Refused when no serving arm would keep
+    /// weight > 0, or a name is unknown or a shadow.
+    pub fn set_weights(&self, weights: &[(String, u32)]) -> Result<(), String> {
+        let _g = self.edit.lock();
+        let list = self.list.load();
+        for (n, _) in weights {
+            match list.iter().find(|s| &s.name == n) {
+                None => return Err(format!("no slot named '{n}'")),
+                Some(s) if s.shadow => return Err(format!("slot '{n}' is a shadow; it takes no traffic")),
+                Some(_) => {}
+            }
+        }
+        let total: u64 = list
+            .iter()
+            .filter(|s| !s.shadow)
+            .map(|s| {
+                weights
+                    .iter()
+                    .find(|(n, _)| *n == s.name)
+                    .map(|(_, w)| *w)
+                    .unwrap_or_else(|| s.weight()) as u64
+            })
+            .sum();
+        if total == 0 {
+            return Err("weights would send traffic nowhere (all zero)".into());
+        }
+        for (n, w) in weights {
+            if let Some(s) = list.iter().find(|s| &s.name == n) {
+                s.set_weight(*w);
+            }
+        }
+        Ok(())
+    }
+
+    /// Give `name` all the traffic (weight 100, other arms 0; they stay loaded for
+    /// rollback). A shadow cannot be promoted.
+    pub fn promote(&self, name: &str) -> Result<(), String> {
+        let list = self.list.load();
+        let mut w: Vec<(String, u32)> = Vec::new();
+        for s in list.iter().filter(|s| !s.shadow) {
+            w.push((s.name.clone(), if s.name == name { 100 } else { 0 }));
+        }
+        if !w.iter().any(|(n, _)| n == name) {
+            return Err(format!("no serving slot named '{name}'"));
+        }
+        self.set_weights(&w)
+    }
+
+    /// The serving arm for a request: weighted random, or, with `--ab-sticky`, by the hash
+    /// of the session key so the same key always gets the same arm (random when the
+    /// request has no key).
+    pub fn pick(&self, req: &RequestInfo) -> Arc<PolicySlot> {
+        let list = self.list.load();
+        let serving = || list.iter().filter(|s| !s.shadow && s.weight() > 0);
+        let total: u64 = serving().map(|s| s.weight() as u64).sum();
+        let first = || {
+            list.iter()
+                .find(|s| !s.shadow)
+                .cloned()
+                .unwrap_or_else(|| list[0].clone())
+        };
+        if total == 0 {
+            return first();
+        }
+        if serving().nth(1).is_none() {
+            return serving().next().cloned().unwrap_or_else(first);
+        }
+        let point = match self.sticky.then(|| session_key(req)).flatten() {
+            Some(k) => hash64(k.as_bytes()) % total,
+            None => rand::random_range(0..total),
+        };
+        let mut acc = 0u64;
+        for s in serving() {
+            acc += s.weight() as u64;
+            if point < acc {
+                return s.clone();
+            }
+        }
+        first()
+    }
+
+    /// Shadow slots.
+    pub fn shadows(&self) -> Vec<Arc<PolicySlot>> {
+        self.list.load().iter().filter(|s| s.shadow).cloned().collect()
+    }
+
+    /// Slots loaded from `path`.
+    pub fn loaded_from(&self, path: &Path) -> Vec<Arc<PolicySlot>> {
+        self.list
+            .load()
+            .iter()
+            .filter(|s| s.file().as_deref() == Some(path))
+            .cloned()
+            .collect()
+    }
+}
+
+/// The session key of a request for sticky assignment: first client header of
+/// [`SESSION_HEADERS`] (a router-generated request id is not a client header), then
+/// body fields.
+pub fn session_key(req: &RequestInfo) -> Option<String> {
+    for h in SESSION_HEADERS {
+        if let Some(v) = req.header(h).filter(|v| !v.is_empty()) {
+            return Some(v.to_string());
+        }
+    }
+    if req.body.is_empty() {
+        return None;
+    }
+    SESSION_FIELDS
+        .iter()
+        .find_map(|f| req.body_field(f).filter(|v| !v.is_empty()))
+}

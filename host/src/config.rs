@@ -183,6 +183,70 @@ pub struct Args {
     #[arg(long)]
     pub disable_retries: bool,
 
+    /// Circuit breaker: consecutive failures (5xx, connection error, timeout, broken
+    /// stream) that open a worker's breaker (no traffic for --cb-timeout-duration-secs).
+    #[arg(long, default_value_t = 10)]
+    pub cb_failure_threshold: u32,
+
+    /// Circuit breaker: successful half-open probes that close it again.
+    #[arg(long, default_value_t = 3)]
+    pub cb_success_threshold: u32,
+
+    /// Circuit breaker: seconds a breaker stays open before probing (half-open).
+    #[arg(long, default_value_t = 60)]
+    pub cb_timeout_duration_secs: u64,
+
+    /// Circuit breaker: a failure streak spanning longer than this many seconds starts
+    /// over.
+    #[arg(long, default_value_t = 120)]
+    pub cb_window_duration_secs: u64,
+
+    /// Circuit breaker: concurrent probe requests let through while half-open (the rest
+    /// go to other workers).
+    #[arg(long, default_value_t = 1)]
+    pub cb_half_open_max_requests: u32,
+
+    /// Turn circuit breakers off.
+    #[arg(long)]
+    pub disable_circuit_breaker: bool,
+
+    /// Most generation requests in flight at once (a stream counts until its end).
+    #[arg(long, default_value_t = 32768)]
+    pub max_concurrent_requests: usize,
+
+    /// Requests that may wait for a free slot beyond --max-concurrent-requests
+    /// (0 = answer 429 at once).
+    #[arg(long, default_value_t = 100)]
+    pub queue_size: usize,
+
+    /// Longest wait in the admission queue, in seconds, before 429.
+    #[arg(long, default_value_t = 60)]
+    pub queue_timeout_secs: u64,
+
+    /// At startup, wait up to this many seconds for at least one worker to answer its
+    /// health check before serving (0 = don't wait); exit with an error if none does.
+    #[arg(long, default_value_t = 600)]
+    pub worker_startup_timeout_secs: u64,
+
+    /// Seconds between health checks while waiting for workers at startup.
+    #[arg(long, default_value_t = 1)]
+    pub worker_startup_check_interval: u64,
+
+    /// On SIGTERM/SIGINT: stop accepting, let in-flight requests (streams included)
+    /// finish for up to this many seconds, then exit.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_grace_period_secs: u64,
+
+    /// Quarantine a policy version after this many faults within
+    /// --policy-quarantine-window-secs: the fallback decides until a new version loads
+    /// (0 = never).
+    #[arg(long, default_value_t = 5)]
+    pub policy_quarantine_faults: u32,
+
+    /// Window for --policy-quarantine-faults, in seconds.
+    #[arg(long, default_value_t = 10)]
+    pub policy_quarantine_window_secs: u64,
+
     /// Seconds between active `GET /health` probes of healthy workers (all in parallel).
     /// Unhealthy workers are probed every second so they come back quickly.
     #[arg(long, default_value_t = 60)]
@@ -244,6 +308,15 @@ impl Args {
         }
         if self.retry_max_backoff_ms < self.retry_initial_backoff_ms {
             return Err("--retry-max-backoff-ms must be >= --retry-initial-backoff-ms".into());
+        }
+        if self.cb_failure_threshold == 0 || self.cb_success_threshold == 0 {
+            return Err("--cb-failure-threshold and --cb-success-threshold must be at least 1".into());
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("--max-concurrent-requests must be at least 1".into());
+        }
+        if self.worker_startup_check_interval == 0 {
+            return Err("--worker-startup-check-interval must be at least 1".into());
         }
         if self.health_failure_threshold == 0 || self.health_success_threshold == 0 {
             return Err("--health-*-threshold must be at least 1".into());

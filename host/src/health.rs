@@ -102,3 +102,18 @@ pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
     }
     results.iter().filter(|ok| **ok).count()
 }
+
+/// Probe every worker once, in parallel; workers that answer are marked healthy at once
+/// (used while waiting for workers at startup). Returns how many answered.
+pub async fn probe_all_recover(registry: &Registry, cfg: &HealthConfig) -> usize {
+    let client = probe_client(cfg.timeout);
+    let set = registry.snapshot();
+    let results =
+        futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;
+    for (w, ok) in set.workers.iter().zip(&results) {
+        if *ok && w.record_success(1) {
+            tracing::info!(worker = %w.name(), "worker healthy");
+        }
+    }
+    results.iter().filter(|ok| **ok).count()
+}

@@ -9,6 +9,7 @@ use vllm_router::config::Args;
 use vllm_router::health::{self, HealthConfig};
 use vllm_router::metrics::Metrics;
 use vllm_router::admin::{self, Admin};
+use vllm_router::breaker::{BreakerConfig, BreakerShared};
 use vllm_router::policy::slots::build_version;
 use vllm_router::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, builtin};
 use vllm_router::watch::PolicyWatcher;
@@ -76,13 +77,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let args = args;
     let t0 = Instant::now();
     let engine = PolicyEngine::new(args.policy_timeout_ms, args.policy_max_memory_mb)?;
-    let registry = Arc::new(Registry::default());
+    let cb = Arc::new(BreakerShared {
+        cfg: BreakerConfig {
+            enabled: !args.disable_circuit_breaker,
+            failure_threshold: args.cb_failure_threshold,
+            success_threshold: args.cb_success_threshold,
+            open_for: Duration::from_secs(args.cb_timeout_duration_secs),
+            window: Duration::from_secs(args.cb_window_duration_secs),
+            half_open_max: args.cb_half_open_max_requests,
+        },
+        on_transition: Default::default(),
+    });
+    let registry = Arc::new(Registry::with_breaker(cb.clone()));
     for url in &args.worker_urls {
         registry
             .add(url, Role::Regular, 1)
             .map_err(anyhow::Error::msg)?;
     }
     let metrics = Arc::new(Metrics::new());
+    {
+        let m = metrics.clone();
+        let _ = cb.on_transition.set(Box::new(move |worker: &str, (from, to)| {
+            m.cb_transitions
+                .with_label_values(&[worker, from.as_str(), to.as_str()])
+                .inc();
+        }));
+    }
+    engine.set_quarantine(
+        args.policy_quarantine_faults,
+        Duration::from_secs(args.policy_quarantine_window_secs),
+    );
     let (defs, sticky) = args.slot_defs().map_err(anyhow::Error::msg)?;
     let mut slot_list = Vec::new();
     for mut d in defs {
@@ -109,7 +133,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     // One parallel probe round: workers that do not answer start unhealthy and the
     // health checker brings them in when they do. Serving starts at once either way.
-    health::startup_probe(&registry, &hcfg).await;
+    let mut healthy = health::startup_probe(&registry, &hcfg).await;
+    if healthy == 0 && args.worker_startup_timeout_secs > 0 && !args.worker_urls.is_empty() {
+        tracing::warn!(
+            "no worker answers {} yet; waiting up to {}s (--worker-startup-timeout-secs)",
+            hcfg.endpoint,
+            args.worker_startup_timeout_secs
+        );
+        let deadline = Instant::now() + Duration::from_secs(args.worker_startup_timeout_secs);
+        while healthy == 0 {
+            if Instant::now() >= deadline {
+                anyhow::bail!(
+                    "no worker became healthy within {}s (--worker-startup-timeout-secs); checked {}",
+                    args.worker_startup_timeout_secs,
+                    args.worker_urls.join(", ")
+                );
+            }
+            tokio::time::sleep(Duration::from_secs(args.worker_startup_check_interval)).await;
+            healthy = health::probe_all_recover(&registry, &hcfg).await;
+        }
+    }
     tokio::spawn(health::run(registry.clone(), hcfg, metrics.clone()));
     if args.engine_metrics_interval_ms > 0 {
         tokio::spawn(vllm_router::engine::run(
@@ -176,6 +219,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("--request-id-headers: {e}"))?,
         max_payload: args.max_payload_size,
+        admission: vllm_router::server::Admission::new(
+            args.max_concurrent_requests,
+            args.queue_size,
+            Duration::from_secs(args.queue_timeout_secs),
+        ),
     });
 
     if args.prometheus_port != 0 {
@@ -185,11 +233,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot bind metrics listener {addr}: {e}"))?;
         let m = metrics.clone();
         let reg = registry.clone();
+        let st = state.clone();
         let metrics_app = axum::Router::new().fallback(move || {
             let m = m.clone();
             let reg = reg.clone();
+            let st = st.clone();
             async move {
+                m.admission
+                    .with_label_values(&["in_flight"])
+                    .set(st.admission.in_flight() as i64);
+                m.admission
+                    .with_label_values(&["queued"])
+                    .set(st.admission.waiting() as i64);
                 for w in &reg.snapshot().workers {
+                    m.cb_state
+                        .with_label_values(&[&w.name()])
+                        .set(w.breaker_state() as i64);
                     m.worker_in_flight
                         .with_label_values(&[&w.name()])
                         .set(w.in_flight() as i64);
@@ -220,8 +279,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vllm_router::server::healthy_count(&state, Role::Regular),
         t0.elapsed()
     );
+    let grace = Duration::from_secs(args.shutdown_grace_period_secs);
     axum::serve(listener, app(state).merge(admin::routes(admin)))
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // In-flight requests and streams get the grace period, then we exit anyway.
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                tracing::warn!("grace period ({grace:?}) over with requests still in flight; exiting");
+                std::process::exit(0);
+            });
+        })
         .await?;
     tracing::info!("stopped");
     Ok(())

@@ -52,6 +52,16 @@ pub struct Metrics {
     pub slot_weight: IntGaugeVec,
     /// Shadow decisions by shadow slot and whether they matched the serving arm.
     pub shadow_decisions: IntCounterVec,
+    /// Requests refused by admission control, by reason (queue_full, queue_timeout).
+    pub admission_rejections: IntCounterVec,
+    /// Generation requests holding an admission permit / waiting in the queue.
+    pub admission: IntGaugeVec,
+    /// Circuit breaker state per worker: 0 closed, 1 open, 2 half-open.
+    pub cb_state: IntGaugeVec,
+    /// Circuit breaker transitions per worker.
+    pub cb_transitions: IntCounterVec,
+    /// Policy versions quarantined after repeated faults, by slot.
+    pub policy_quarantines: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -185,6 +195,36 @@ impl Metrics {
                 "vllm_router_shadow_decisions_total",
                 "Decisions of shadow slots by whether they chose the same worker as the serving arm (agree, disagree, failed).",
                 &["slot", "agreement"],
+            ),
+            admission_rejections: counter(
+                &r,
+                "vllm_router_admission_rejections_total",
+                "Requests answered 429 by admission control, by reason (queue_full, queue_timeout).",
+                &["reason"],
+            ),
+            admission: gauge(
+                &r,
+                "vllm_router_admission_requests",
+                "Generation requests holding an admission slot (state=in_flight) or waiting for one (state=queued).",
+                &["state"],
+            ),
+            cb_state: gauge(
+                &r,
+                "vllm_router_cb_state",
+                "Circuit breaker state per worker: 0 closed, 1 open, 2 half-open.",
+                &["worker"],
+            ),
+            cb_transitions: counter(
+                &r,
+                "vllm_router_cb_transitions_total",
+                "Circuit breaker transitions per worker.",
+                &["worker", "from", "to"],
+            ),
+            policy_quarantines: counter(
+                &r,
+                "vllm_router_policy_quarantines_total",
+                "Policy versions quarantined after repeated faults (the fallback decides until a new version loads), by slot.",
+                &["slot"],
             ),
             registry: r,
         }

@@ -6,7 +6,7 @@ use crate::error::ApiError;
 use crate::metrics::{Metrics, route_label};
 use crate::policy::{self, Choice, Completion, PolicySlot, PolicySlots, Stage};
 use crate::request::RequestInfo;
-use crate::workers::{InFlight, Registry, Worker};
+use crate::workers::{BreakerTicket, InFlight, Registry, Worker};
 use axum::body::Body;
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -215,7 +215,15 @@ impl Proxy {
 
     /// Route `req` and return the response to send to the client. Never fails: router
     /// errors become OpenAI-style JSON errors.
-    pub async fn forward(self: &Arc<Self>, req: Arc<RequestInfo>, sel: Selector) -> Response<Body> {
+    ///
+    /// `admission`: the concurrency permit (`--max-concurrent-requests`), held until the
+    /// response body ends.
+    pub async fn forward(
+        self: &Arc<Self>,
+        req: Arc<RequestInfo>,
+        sel: Selector,
+        admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Response<Body> {
         let route = route_label(&req.path);
         let started = Instant::now();
         // One arm per request: retries stay on the same A/B arm.
@@ -226,8 +234,11 @@ impl Proxy {
         let arm_label = arm.as_ref().map(|s| s.name.as_str()).unwrap_or("none");
         let mut tried: Vec<u32> = Vec::new();
         let mut last_err: Option<ApiError> = None;
-        for attempt in 0..self.retry.attempts {
-            if attempt > 0 {
+        let mut attempt = 0u32;
+        let mut backoff_due = false;
+        while attempt < self.retry.attempts {
+            if backoff_due {
+                backoff_due = false;
                 self.metrics.retries.with_label_values(&[route]).inc();
                 tokio::time::sleep(self.retry.backoff(attempt - 1)).await;
             }
@@ -236,12 +247,25 @@ impl Proxy {
             };
             let worker = choice.worker.clone();
             tried.push(worker.id);
+            // A half-open breaker admits a bounded number of probes; when they are taken
+            // the worker is skipped without spending an attempt.
+            let Some(ticket) = worker.breaker_admit() else {
+                continue;
+            };
+            attempt += 1;
+            backoff_due = true;
             let guard = worker.start_request();
             let sent = Instant::now();
             match self.send(&req, &worker).await {
                 Ok(resp) => {
                     let status = resp.status();
-                    let more_left = attempt + 1 < self.retry.attempts;
+                    let more_left = attempt < self.retry.attempts;
+                    let ticket = if status.is_server_error() {
+                        ticket.record(false);
+                        None
+                    } else {
+                        Some(ticket)
+                    };
                     if status.is_server_error() {
                         self.metrics
                             .upstream_errors
@@ -263,10 +287,11 @@ impl Proxy {
                         .worker_requests
                         .with_label_values(&[&worker.url, arm_label])
                         .inc();
-                    return self.respond(req, resp, choice, guard, started, sent);
+                    return self.respond(req, resp, choice, guard, ticket, admission, started, sent);
                 }
                 Err(err) => {
                     drop(guard);
+                    ticket.record(false);
                     self.feedback(&choice, 0, sent, None);
                     let (kind, msg) = match &err {
                         AttemptError::Connect(m) => ("connect", m.clone()),
@@ -360,12 +385,15 @@ impl Proxy {
         let _ = choice.version.complete(&self.registry.snapshot(), done);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn respond(
         self: &Arc<Self>,
         req: Arc<RequestInfo>,
         resp: Response<Incoming>,
         choice: Choice,
         guard: InFlight,
+        ticket: Option<BreakerTicket>,
+        admission: Option<tokio::sync::OwnedSemaphorePermit>,
         started: Instant,
         sent: Instant,
     ) -> Response<Body> {
@@ -391,6 +419,9 @@ impl Proxy {
                 status: parts.status,
                 choice,
                 _guard: guard,
+                ticket,
+                _admission: admission,
+                stream_failed: false,
                 started,
                 sent,
                 first_byte: None,
@@ -418,6 +449,11 @@ struct Done {
     status: StatusCode,
     choice: Choice,
     _guard: InFlight,
+    /// Breaker admission; the outcome is recorded when the body ends.
+    ticket: Option<BreakerTicket>,
+    /// `--max-concurrent-requests` permit, released when the body ends.
+    _admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    stream_failed: bool,
     started: Instant,
     sent: Instant,
     first_byte: Option<Duration>,
@@ -425,7 +461,10 @@ struct Done {
 }
 
 impl Done {
-    fn finish(self) {
+    fn finish(mut self) {
+        if let Some(t) = self.ticket.take() {
+            t.record(!self.stream_failed);
+        }
         let m = &self.proxy.metrics;
         let slot = self
             .choice
@@ -474,7 +513,8 @@ impl TrackedBody {
                 .inc();
             tracing::warn!(worker = %d.choice.worker.name(), "response stream failed: {why}");
         }
-        if let Some(d) = self.done.take() {
+        if let Some(mut d) = self.done.take() {
+            d.stream_failed = true;
             d.finish();
         }
         if sse {

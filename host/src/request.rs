@@ -64,6 +64,13 @@ impl RequestInfo {
         headers: HeaderMap,
         body: Bytes,
     ) -> Result<Self, BodyError> {
+        // JSON text is UTF-8 (RFC 8259); serde skips ignored fields without checking.
+        if let Err(e) = std::str::from_utf8(&body) {
+            return Err(BodyError::Malformed(format!(
+                "body is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            )));
+        }
         let peek: Peek<'_> = match serde_json::from_slice(&body) {
             Ok(p) => p,
             Err(e) if e.is_data() => {

@@ -13,6 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 use vllm_router_sdk::Role;
 
+/// Largest total size of a request's header names and values, in bytes (vLLM and most
+/// proxies refuse far less; hyper itself stops at ~400 KiB with a bare 431).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Everything the handlers share.
 pub struct AppState {
     /// The forwarding core.
@@ -21,6 +25,74 @@ pub struct AppState {
     pub request_id_headers: Vec<http::HeaderName>,
     /// `--max-payload-size`, bytes.
     pub max_payload: usize,
+    /// `--max-concurrent-requests` with its queue.
+    pub admission: Admission,
+}
+
+/// Admission control: at most `limit` generation requests in flight (held until the
+/// response body ends), up to `queue_size` more waiting up to `queue_timeout`; beyond
+/// that, 429 with `Retry-After`.
+pub struct Admission {
+    permits: Arc<tokio::sync::Semaphore>,
+    waiting: std::sync::atomic::AtomicUsize,
+    /// Bound of the wait queue (0 = reject at once).
+    pub queue_size: usize,
+    /// Longest wait in the queue.
+    pub queue_timeout: std::time::Duration,
+    /// The in-flight limit.
+    pub limit: usize,
+}
+
+impl Admission {
+    /// `limit` concurrent requests, a queue of `queue_size` waiting up to `queue_timeout`.
+    pub fn new(limit: usize, queue_size: usize, queue_timeout: std::time::Duration) -> Self {
+        Admission {
+            permits: Arc::new(tokio::sync::Semaphore::new(limit)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            queue_size,
+            queue_timeout,
+            limit,
+        }
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests holding a permit now.
+    pub fn in_flight(&self) -> usize {
+        self.limit - self.permits.available_permits()
+    }
+
+    async fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, (&'static str, String)> {
+        use std::sync::atomic::Ordering;
+        if let Ok(p) = self.permits.clone().try_acquire_owned() {
+            return Ok(p);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue_size {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err((
+                "queue_full",
+                format!(
+                    "router at --max-concurrent-requests ({}) with {} requests queued (--queue-size); retry later",
+                    self.limit, self.queue_size
+                ),
+            ));
+        }
+        let r = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match r {
+            Ok(Ok(p)) => Ok(p),
+            _ => Err((
+                "queue_timeout",
+                format!(
+                    "waited {}s in the admission queue (--queue-timeout-secs) without a free slot; retry later",
+                    self.queue_timeout.as_secs()
+                ),
+            )),
+        }
+    }
 }
 
 /// Build the client-facing router.
@@ -161,6 +233,11 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| path.clone());
     let (rid, from_client) = request_id(&st, &parts.headers, &path);
+    let header_bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
     let fail = |e: ApiError| {
         st.proxy.finish_error(route, "none", &e, started);
         let mut r = e.into_response();
@@ -168,6 +245,14 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
         r
     };
 
+    if header_bytes > MAX_HEADER_BYTES {
+        return fail(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "invalid_request_error",
+            "headers_too_large",
+            format!("request headers total {header_bytes} bytes; the limit is {MAX_HEADER_BYTES}"),
+        ));
+    }
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -252,7 +337,28 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     };
     info.request_id = rid;
     info.request_id_from_client = from_client;
-    st.proxy.forward(Arc::new(info), sel).await
+    let permit = if generation {
+        match st.admission.admit().await {
+            Ok(p) => Some(p),
+            Err((code, msg)) => {
+                st.proxy
+                    .metrics
+                    .admission_rejections
+                    .with_label_values(&[code])
+                    .inc();
+                let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, msg);
+                st.proxy.finish_error(route, "none", &e, started);
+                let mut r = e.into_response();
+                set_request_id(r.headers_mut(), &info.request_id);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                return r;
+            }
+        }
+    } else {
+        None
+    };
+    st.proxy.forward(Arc::new(info), sel, permit).await
 }
 
 /// Workers of a role that are healthy, for logs.

@@ -14,3 +14,8 @@ pub fn mark_start() {
 pub fn uptime_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
+
+/// Nanoseconds since the router started (monotonic).
+pub fn uptime_ns() -> u64 {
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}

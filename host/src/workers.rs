@@ -4,6 +4,7 @@
 //! path); a membership change publishes a new snapshot with a higher generation, which
 //! tells each policy instance to refresh its copy through `workers-changed`.
 
+use crate::breaker::{Breaker, BreakerShared, BreakerState, Transition};
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -33,11 +34,25 @@ pub struct Worker {
     engine_packed: AtomicU64,
     /// Router uptime (ms) when `engine_packed` was sampled.
     engine_at_ms: AtomicU64,
+    /// Circuit breaker and its shared settings.
+    breaker: Breaker,
+    cb: Arc<BreakerShared>,
 }
 
 impl Worker {
     /// A worker for base URL `url` (must be `http://host:port[/]`).
     pub fn new(id: u32, url: &str, role: Role, dp_rank: Option<u32>) -> Result<Self, String> {
+        Self::with_breaker(id, url, role, dp_rank, Arc::default())
+    }
+
+    /// A worker whose breaker uses `cb`'s settings.
+    pub fn with_breaker(
+        id: u32,
+        url: &str,
+        role: Role,
+        dp_rank: Option<u32>,
+        cb: Arc<BreakerShared>,
+    ) -> Result<Self, String> {
         let url = url.trim_end_matches('/').to_string();
         let uri: http::Uri = url
             .parse()
@@ -58,6 +73,8 @@ impl Worker {
             ok_streak: AtomicU32::new(0),
             engine_packed: AtomicU64::new(0),
             engine_at_ms: AtomicU64::new(0),
+            breaker: Breaker::default(),
+            cb,
         })
     }
 
@@ -97,6 +114,45 @@ impl Worker {
         vllm_router_sdk::wire::unpack_engine(self.engine_packed.load(Ordering::Relaxed))
     }
 
+    fn report(&self, t: Option<Transition>) {
+        if let Some(t) = t {
+            match t.1 {
+                BreakerState::Open => tracing::warn!(worker = %self.name(), from = t.0.as_str(), "circuit breaker opened: no traffic for {:?}", self.cb.cfg.open_for),
+                BreakerState::HalfOpen => tracing::info!(worker = %self.name(), "circuit breaker half-open: probing with up to {} request(s)", self.cb.cfg.half_open_max),
+                BreakerState::Closed => tracing::info!(worker = %self.name(), "circuit breaker closed: worker back in rotation"),
+            }
+            if let Some(hook) = self.cb.on_transition.get() {
+                hook(&self.name(), t);
+            }
+        }
+    }
+
+    /// Whether the breaker lets a request through now (moves open → half-open when due).
+    pub fn breaker_allows(&self) -> bool {
+        if !self.cb.cfg.enabled {
+            return true;
+        }
+        let (ok, t) = self.breaker.allows(&self.cb.cfg, crate::util::uptime_ms());
+        self.report(t);
+        ok
+    }
+
+    /// Breaker state (0 closed, 1 open, 2 half-open in metrics).
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    /// Admit a request through the breaker; `None` when it must go elsewhere (open, or
+    /// half-open with its probe slots taken).
+    pub fn breaker_admit(self: &Arc<Self>) -> Option<BreakerTicket> {
+        let probe = self.breaker.acquire(&self.cb.cfg)?;
+        Some(BreakerTicket {
+            worker: self.clone(),
+            probe,
+            done: false,
+        })
+    }
+
     /// Count a dispatched request; the guard un-counts it when dropped.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -128,6 +184,36 @@ impl Worker {
             return !self.healthy.swap(true, Ordering::Relaxed);
         }
         false
+    }
+}
+
+/// A request admitted by the breaker. Record its outcome with
+/// [`BreakerTicket::record`]; dropped unrecorded (client went away) it only gives back
+/// its probe slot.
+#[derive(Debug)]
+pub struct BreakerTicket {
+    worker: Arc<Worker>,
+    probe: bool,
+    done: bool,
+}
+
+impl BreakerTicket {
+    /// Record success (`ok`) or failure (5xx, connection error, timeout, broken stream).
+    pub fn record(mut self, ok: bool) {
+        self.done = true;
+        let w = &self.worker;
+        let t = w
+            .breaker
+            .record(&w.cb.cfg, self.probe, ok, crate::util::uptime_ms());
+        w.report(t);
+    }
+}
+
+impl Drop for BreakerTicket {
+    fn drop(&mut self) {
+        if !self.done && self.probe {
+            self.worker.breaker.release_probe();
+        }
     }
 }
 
@@ -178,9 +264,18 @@ pub struct Registry {
     set: ArcSwap<WorkerSet>,
     next_id: AtomicU32,
     generation: AtomicU64,
+    cb: Arc<BreakerShared>,
 }
 
 impl Registry {
+    /// A registry whose workers' circuit breakers use `cb`.
+    pub fn with_breaker(cb: Arc<BreakerShared>) -> Self {
+        Registry {
+            cb,
+            ..Default::default()
+        }
+    }
+
     /// Current snapshot.
     pub fn snapshot(&self) -> Arc<WorkerSet> {
         self.set.load_full()
@@ -212,7 +307,7 @@ impl Registry {
                 continue;
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            workers.push(Arc::new(Worker::new(id, url, role, rank)?));
+            workers.push(Arc::new(Worker::with_breaker(id, url, role, rank, self.cb.clone())?));
             ids.push(id);
         }
         self.publish(workers);

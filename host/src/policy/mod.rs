@@ -42,14 +42,17 @@ pub fn fallback_choice(candidates: &[Candidate]) -> u32 {
     tied[FALLBACK_ROTATION.fetch_add(1, Ordering::Relaxed) % tied.len()]
 }
 
-/// The eligible workers of `role` for a request, excluding ids already tried.
+/// The eligible workers of `role` for a request (healthy, breaker admitting), excluding
+/// ids already tried.
 /// Engine load is attached when scraping is on and the sample is fresh.
 pub fn candidates(set: &WorkerSet, role: Role, exclude: &[u32]) -> Vec<Candidate> {
     let max_age = crate::engine::max_age_ms();
     let now = if max_age > 0 { crate::util::uptime_ms() } else { 0 };
     set.workers
         .iter()
-        .filter(|w| w.role == role && w.is_healthy() && !exclude.contains(&w.id))
+        .filter(|w| {
+            w.role == role && w.is_healthy() && !exclude.contains(&w.id) && w.breaker_allows()
+        })
         .map(|w| Candidate {
             id: w.id,
             in_flight: w.in_flight(),
@@ -78,6 +81,19 @@ pub fn choose(
     }
     slot.count_decision();
     let version = slot.current();
+    if version.is_quarantined() {
+        metrics
+            .policy_fallbacks
+            .with_label_values(&[&slot.name])
+            .inc();
+        let id = fallback_choice(cands);
+        return Some(Choice {
+            worker: set.get(id)?.clone(),
+            slot: Some(slot.clone()),
+            version,
+            fallback: true,
+        });
+    }
     let t0 = Instant::now();
     let result = version.select(req, stage, set, cands);
     metrics
@@ -97,6 +113,14 @@ pub fn choose(
                 .inc();
             tracing::warn!(slot = %slot.name, policy = %version.label, request_id = %req.request_id,
                 "policy failed ({fault}); routed by fallback (least in-flight)");
+            if version.take_newly_quarantined() {
+                metrics
+                    .policy_quarantines
+                    .with_label_values(&[&slot.name])
+                    .inc();
+                tracing::error!(slot = %slot.name, policy = %version.label,
+                    "policy quarantined after repeated faults: the fallback (least in-flight) decides until a new version is loaded");
+            }
             (fallback_choice(cands), true)
         }
     };

@@ -14,7 +14,6 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 use wasmtime::component::{Component, HasSelf, Linker, Resource};
 use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
-use wasmtime_wasi::{ResourceTable, WasiCtx, WasiCtxView, WasiView};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -48,19 +47,8 @@ pub struct PolicyState {
     current: Option<(Arc<RequestInfo>, Stage)>,
     label: Arc<str>,
     limits: StoreLimits,
-    wasi: WasiCtx,
-    table: ResourceTable,
     started: Instant,
     log_window: (u64, u32),
-}
-
-impl WasiView for PolicyState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
 }
 
 impl PolicyState {
@@ -141,6 +129,88 @@ impl host::Host for PolicyState {
     }
 }
 
+/// `wasi:clocks/wall-clock` datetime.
+#[derive(wasmtime::component::ComponentType, wasmtime::component::Lower, Clone, Copy)]
+#[component(record)]
+struct Datetime {
+    seconds: u64,
+    nanoseconds: u32,
+}
+
+fn random_bytes(n: u64) -> Vec<u8> {
+    (0..n.min(1 << 20)).map(|_| rand::random::<u8>()).collect()
+}
+
+/// Give a policy the only WASI it may use, synchronously: randomness (Rust's `HashMap`
+/// seeds itself from `wasi:random/insecure-seed`) and clocks. Every other import of the
+/// component (stdio, environment, exit, filesystem, sockets, ...) is defined as a trap.
+///
+/// Why not wasmtime-wasi's implementation: its synchronous bindings run async host
+/// code with `Handle::block_on`, which panics on a Tokio worker thread, where policies
+/// run. A policy printing to stderr (every Rust panic message and allocation failure
+/// does) would then take down the request's task. As a trap it is an ordinary policy
+/// fault, answered by the fallback.
+fn link_wasi(
+    linker: &mut Linker<PolicyState>,
+    engine: &Engine,
+    component: &Component,
+) -> anyhow::Result<()> {
+    let ty = component.component_type();
+    let names: Vec<String> = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
+    for name in names {
+        let base = name.split('@').next().unwrap_or(&name);
+        match base {
+            "wasi:random/insecure-seed" => {
+                linker.instance(&name)?.func_wrap("insecure-seed", |_, (): ()| {
+                    Ok(((rand::random::<u64>(), rand::random::<u64>()),))
+                })?;
+            }
+            "wasi:random/random" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("get-random-bytes", |_, (n,): (u64,)| Ok((random_bytes(n),)))?;
+                i.func_wrap("get-random-u64", |_, (): ()| Ok((rand::random::<u64>(),)))?;
+            }
+            "wasi:random/insecure" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("get-insecure-random-bytes", |_, (n,): (u64,)| {
+                    Ok((random_bytes(n),))
+                })?;
+                i.func_wrap("get-insecure-random-u64", |_, (): ()| {
+                    Ok((rand::random::<u64>(),))
+                })?;
+            }
+            "wasi:clocks/monotonic-clock" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("now", |_, (): ()| {
+                    Ok((crate::util::uptime_ns(),))
+                })?;
+                i.func_wrap("resolution", |_, (): ()| Ok((1u64,)))?;
+            }
+            "wasi:clocks/wall-clock" => {
+                let mut i = linker.instance(&name)?;
+                i.func_wrap("now", |_, (): ()| {
+                    let d = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    Ok((Datetime {
+                        seconds: d.as_secs(),
+                        nanoseconds: d.subsec_nanos(),
+                    },))
+                })?;
+                i.func_wrap("resolution", |_, (): ()| {
+                    Ok((Datetime {
+                        seconds: 0,
+                        nanoseconds: 1,
+                    },))
+                })?;
+            }
+            _ => {}
+        }
+    }
+    linker.define_unknown_imports_as_traps(component)?;
+    Ok(())
+}
+
 /// The wasmtime engine shared by every policy, with its linker and sandbox limits.
 pub struct PolicyEngine {
     engine: Engine,
@@ -152,6 +222,9 @@ pub struct PolicyEngine {
     /// Recently compiled components by SHA-256, most recent last: a rollback to a
     /// version seen before (A → B → A) skips compilation (tens of milliseconds).
     compiled: Mutex<Vec<(String, PolicyPre<PolicyState>)>>,
+    /// Faults within `quarantine_window_ms` that quarantine a version (0 = never).
+    quarantine_faults: AtomicU64,
+    quarantine_window_ms: AtomicU64,
 }
 
 /// Compiled components kept for fast rollbacks.
@@ -166,7 +239,6 @@ impl PolicyEngine {
         cfg.epoch_interruption(true);
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         PolicyWorld::add_to_linker::<PolicyState, HasSelf<PolicyState>>(&mut linker, |s| s)?;
         let me = Arc::new(PolicyEngine {
             engine,
@@ -174,6 +246,8 @@ impl PolicyEngine {
             call_ticks: timeout_ms.max(1),
             max_memory: (max_memory_mb as usize) << 20,
             compiled: Mutex::new(Vec::new()),
+            quarantine_faults: AtomicU64::new(5),
+            quarantine_window_ms: AtomicU64::new(10_000),
         });
         let weak: Weak<PolicyEngine> = Arc::downgrade(&me);
         std::thread::Builder::new()
@@ -186,6 +260,13 @@ impl PolicyEngine {
                 }
             })?;
         Ok(me)
+    }
+
+    /// Quarantine a version after `faults` faults within `window` (`faults` 0 = never).
+    pub fn set_quarantine(&self, faults: u32, window: Duration) {
+        self.quarantine_faults.store(faults as u64, Ordering::Relaxed);
+        self.quarantine_window_ms
+            .store(window.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Compile and validate a policy component: compile, link, instantiate, `init`
@@ -213,8 +294,9 @@ impl PolicyEngine {
             None => {
                 let component = Component::new(&self.engine, bytes)
                     .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
-                let pre = self
-                    .linker
+                let mut linker = self.linker.clone();
+                link_wasi(&mut linker, &self.engine, &component)?;
+                let pre = linker
                     .instantiate_pre(&component)
                     .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
                 let pre = PolicyPre::new(pre).map_err(|e| {
@@ -239,6 +321,9 @@ impl PolicyEngine {
             pre,
             live: Mutex::new(None),
             faults: AtomicU64::new(0),
+            recent_faults: Mutex::new(std::collections::VecDeque::new()),
+            quarantined: std::sync::atomic::AtomicBool::new(false),
+            newly_quarantined: std::sync::atomic::AtomicBool::new(false),
         });
         // Validate now: a version that cannot start is refused before it serves.
         let live = version.instantiate()?;
@@ -331,6 +416,9 @@ pub struct PolicyVersion {
     pre: PolicyPre<PolicyState>,
     live: Mutex<Option<Live>>,
     faults: AtomicU64,
+    recent_faults: Mutex<std::collections::VecDeque<Instant>>,
+    quarantined: std::sync::atomic::AtomicBool,
+    newly_quarantined: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PolicyVersion {
@@ -367,8 +455,6 @@ impl PolicyVersion {
             current: None,
             label: self.label.clone(),
             limits,
-            wasi: WasiCtx::builder().build(),
-            table: ResourceTable::new(),
             started: Instant::now(),
             log_window: (0, 0),
         };
@@ -432,8 +518,38 @@ impl PolicyVersion {
                 *guard = None;
             }
             self.faults.fetch_add(1, Ordering::Relaxed);
+            self.note_fault();
         }
         out
+    }
+
+    fn note_fault(&self) {
+        let limit = self.engine.quarantine_faults.load(Ordering::Relaxed) as usize;
+        if limit == 0 {
+            return;
+        }
+        let window = Duration::from_millis(self.engine.quarantine_window_ms.load(Ordering::Relaxed));
+        let now = Instant::now();
+        let mut q = self.recent_faults.lock();
+        q.push_back(now);
+        while q.front().is_some_and(|t| now.duration_since(*t) > window) {
+            q.pop_front();
+        }
+        if q.len() >= limit && !self.quarantined.swap(true, Ordering::AcqRel) {
+            self.newly_quarantined.store(true, Ordering::Release);
+        }
+    }
+
+    /// True once the version failed `--policy-quarantine-faults` times within the
+    /// window: the router stops calling it (the fallback decides) until a new version
+    /// is loaded into the slot.
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// True exactly once, after the version became quarantined (for logs and metrics).
+    pub fn take_newly_quarantined(&self) -> bool {
+        self.newly_quarantined.swap(false, Ordering::AcqRel)
     }
 
     /// Ask the policy for a worker. `candidates` must be non-empty and in ascending id

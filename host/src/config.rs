@@ -22,6 +22,47 @@ pub struct Args {
     #[arg(long, num_args = 1.., value_name = "URL")]
     pub worker_urls: Vec<String>,
 
+    /// vLLM prefill/decode disaggregation: each generation request runs on a prefill
+    /// worker (max_tokens 1, KV cache handed off) and then a decode worker, which
+    /// streams the answer. Workers come from --prefill/--decode or ZMQ discovery.
+    #[arg(long)]
+    pub vllm_pd_disaggregation: bool,
+
+    /// Prefill worker URL (repeat the flag for several), PD mode.
+    #[arg(long, value_name = "URL", action = clap::ArgAction::Append)]
+    pub prefill: Vec<String>,
+
+    /// Decode worker URL (repeat the flag for several), PD mode.
+    #[arg(long, value_name = "URL", action = clap::ArgAction::Append)]
+    pub decode: Vec<String>,
+
+    /// PD mode: built-in policy choosing the prefill worker (default: --policy).
+    #[arg(long, value_name = "NAME")]
+    pub prefill_policy: Option<String>,
+
+    /// PD mode: built-in policy choosing the decode worker (default: --policy).
+    #[arg(long, value_name = "NAME")]
+    pub decode_policy: Option<String>,
+
+    /// PD mode: prefill policy from a component file (watched, hot-swapped).
+    #[arg(long, value_name = "PATH")]
+    pub prefill_policy_wasm: Option<PathBuf>,
+
+    /// PD mode: decode policy from a component file (watched, hot-swapped).
+    #[arg(long, value_name = "PATH")]
+    pub decode_policy_wasm: Option<PathBuf>,
+
+    /// PD mode: bind a ZMQ ROUTER socket here (HOST:PORT) for vLLM P2P NCCL instances to
+    /// register with (msgpack `{"type": "P"|"D", "http_address", "zmq_address"}`
+    /// heartbeats); an instance silent for 5 s is dropped.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub vllm_discovery_address: Option<String>,
+
+    /// Data-parallel ranks per worker URL: each URL becomes N workers `URL@0..N-1` with
+    /// their own load and breaker; the rank goes upstream as `X-data-parallel-rank`.
+    #[arg(long, default_value_t = 1)]
+    pub intra_node_data_parallel_size: u32,
+
     /// Built-in load-balancing policy, embedded in the binary as a WebAssembly component:
     /// round_robin, random, power_of_two (less loaded of two random workers),
     /// cache_aware (prefix-cache affinity, see --cache-threshold and below),
@@ -284,16 +325,27 @@ pub struct Args {
 impl Args {
     /// Check cross-flag constraints; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
-        if self.worker_urls.is_empty() && self.export_policy.is_none() {
+        if self.vllm_pd_disaggregation {
+            if self.vllm_discovery_address.is_none()
+                && (self.prefill.is_empty() || self.decode.is_empty())
+            {
+                return Err("--vllm-pd-disaggregation needs --prefill and --decode URLs, or --vllm-discovery-address".into());
+            }
+        } else if !self.prefill.is_empty() || !self.decode.is_empty() {
+            return Err("--prefill/--decode need --vllm-pd-disaggregation".into());
+        } else if self.worker_urls.is_empty() && self.export_policy.is_none() {
             return Err("no workers: give at least one --worker-urls URL".into());
         }
-        for u in &self.worker_urls {
+        if self.intra_node_data_parallel_size == 0 {
+            return Err("--intra-node-data-parallel-size must be at least 1".into());
+        }
+        for u in self.worker_urls.iter().chain(&self.prefill).chain(&self.decode) {
             let uri: http::Uri = u
                 .parse()
-                .map_err(|e| format!("--worker-urls: '{u}' is not a URL: {e}"))?;
+                .map_err(|e| format!("worker URL '{u}' is not a URL: {e}"))?;
             if uri.scheme_str() != Some("http") || uri.authority().is_none() {
                 return Err(format!(
-                    "--worker-urls: '{u}' must look like http://host:port"
+                    "worker URL '{u}' must look like http://host:port"
                 ));
             }
         }
@@ -519,5 +571,16 @@ impl Args {
             return Err("no policy slot would take traffic".into());
         }
         Ok((defs, self.ab_sticky))
+    }
+}
+
+impl Args {
+    /// PD mode: the prefill and decode slot specs (`--prefill-policy[-wasm]`,
+    /// `--decode-policy[-wasm]`, default `--policy` / `--policy-wasm`).
+    pub fn pd_specs(&self) -> (crate::policy::SlotSpec, crate::policy::SlotSpec) {
+        let main = || Self::source(Some(&self.policy), self.policy_wasm.as_ref()).expect("policy");
+        let prefill = Self::source(self.prefill_policy.as_ref(), self.prefill_policy_wasm.as_ref()).unwrap_or_else(main);
+        let decode = Self::source(self.decode_policy.as_ref(), self.decode_policy_wasm.as_ref()).unwrap_or_else(main);
+        (self.spec(prefill, &self.policy_config), self.spec(decode, &self.policy_config))
     }
 }

@@ -45,6 +45,27 @@ async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
     matches!(tokio::time::timeout(cfg.timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
 }
 
+/// Probe each distinct base URL once, in parallel (data-parallel ranks of one server
+/// share its `/health`), and return one result per worker, in order.
+async fn probe_by_url(client: &ProbeClient, workers: &[Arc<Worker>], cfg: &HealthConfig) -> Vec<bool> {
+    let mut urls: Vec<&Worker> = Vec::new();
+    for w in workers {
+        if !urls.iter().any(|u| u.url == w.url) {
+            urls.push(w);
+        }
+    }
+    let results = futures_util::future::join_all(urls.iter().map(|w| probe(client, w, cfg))).await;
+    workers
+        .iter()
+        .map(|w| {
+            urls.iter()
+                .position(|u| u.url == w.url)
+                .map(|i| results[i])
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
 /// Run the checker until the task is dropped.
 pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metrics>) {
     let client = probe_client(cfg.timeout);
@@ -67,8 +88,7 @@ pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metric
         if due.is_empty() {
             continue;
         }
-        let results =
-            futures_util::future::join_all(due.iter().map(|w| probe(&client, w, &cfg))).await;
+        let results = probe_by_url(&client, &due, &cfg).await;
         for (w, ok) in due.iter().zip(results) {
             if ok {
                 if w.record_success(cfg.success_threshold) {
@@ -92,8 +112,7 @@ pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metric
 pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
     let client = probe_client(cfg.timeout);
     let set = registry.snapshot();
-    let results =
-        futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;
+    let results = probe_by_url(&client, &set.workers, cfg).await;
     for (w, ok) in set.workers.iter().zip(&results) {
         if !ok {
             w.record_failure(true, 1);
@@ -108,8 +127,7 @@ pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
 pub async fn probe_all_recover(registry: &Registry, cfg: &HealthConfig) -> usize {
     let client = probe_client(cfg.timeout);
     let set = registry.snapshot();
-    let results =
-        futures_util::future::join_all(set.workers.iter().map(|w| probe(&client, w, cfg))).await;
+    let results = probe_by_url(&client, &set.workers, cfg).await;
     for (w, ok) in set.workers.iter().zip(&results) {
         if *ok && w.record_success(1) {
             tracing::info!(worker = %w.name(), "worker healthy");

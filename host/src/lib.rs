@@ -15,10 +15,12 @@
 pub mod admin;
 pub mod breaker;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod error;
 pub mod health;
 pub mod metrics;
+pub mod pd;
 pub mod policy;
 pub mod proxy;
 pub mod request;

@@ -11,7 +11,8 @@ use vllm_router::metrics::Metrics;
 use vllm_router::admin::{self, Admin};
 use vllm_router::breaker::{BreakerConfig, BreakerShared};
 use vllm_router::policy::slots::build_version;
-use vllm_router::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, builtin};
+use vllm_router::pd::Pd;
+use vllm_router::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, SlotSpec, builtin};
 use vllm_router::watch::PolicyWatcher;
 use vllm_router::proxy::{Proxy, RetryConfig, upstream_client};
 use vllm_router::server::{AppState, app};
@@ -89,10 +90,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         on_transition: Default::default(),
     });
     let registry = Arc::new(Registry::with_breaker(cb.clone()));
-    for url in &args.worker_urls {
-        registry
-            .add(url, Role::Regular, 1)
-            .map_err(anyhow::Error::msg)?;
+    let dp = args.intra_node_data_parallel_size;
+    let static_workers: Vec<(&String, Role)> = if args.vllm_pd_disaggregation {
+        let p = args.prefill.iter().map(|u| (u, Role::Prefill));
+        p.chain(args.decode.iter().map(|u| (u, Role::Decode))).collect()
+    } else {
+        args.worker_urls.iter().map(|u| (u, Role::Regular)).collect()
+    };
+    for (url, role) in &static_workers {
+        registry.add(url, *role, dp).map_err(anyhow::Error::msg)?;
     }
     let metrics = Arc::new(Metrics::new());
     {
@@ -108,21 +114,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Duration::from_secs(args.policy_quarantine_window_secs),
     );
     let (defs, sticky) = args.slot_defs().map_err(anyhow::Error::msg)?;
+    let load_slot = |name: &str, role: Role, mut spec: SlotSpec, weight: u32, shadow: bool| {
+        if let PolicySource::File(p) = &spec.source {
+            spec.source = PolicySource::File(vllm_router::watch::canonical_file(p));
+        }
+        let v = build_version(&engine, &spec, None, role, &registry.snapshot())
+            .map_err(|e| anyhow::anyhow!("policy slot '{name}' ({}): {e:#}", spec.source))?;
+        tracing::info!(slot = %name, policy = %v.label, source = %v.source, weight, shadow, "policy loaded");
+        metrics.set_policy_info(name, None, &v);
+        if !shadow {
+            metrics.slot_weight.with_label_values(&[name]).set(weight as i64);
+        }
+        anyhow::Ok(Arc::new(PolicySlot::new(name, role, spec, v, weight, shadow)))
+    };
     let mut slot_list = Vec::new();
-    for mut d in defs {
-        if let PolicySource::File(p) = &d.spec.source {
-            d.spec.source = PolicySource::File(vllm_router::watch::canonical_file(p));
-        }
-        let v = build_version(&engine, &d.spec, None, Role::Regular, &registry.snapshot())
-            .map_err(|e| anyhow::anyhow!("policy slot '{}' ({}): {e:#}", d.name, d.spec.source))?;
-        tracing::info!(slot = %d.name, policy = %v.label, source = %v.source, weight = d.weight, shadow = d.shadow, "policy loaded");
-        metrics.set_policy_info(&d.name, None, &v);
-        if !d.shadow {
-            metrics.slot_weight.with_label_values(&[&d.name]).set(d.weight as i64);
-        }
-        slot_list.push(Arc::new(PolicySlot::new(&d.name, Role::Regular, d.spec, v, d.weight, d.shadow)));
+    for d in defs {
+        slot_list.push(load_slot(&d.name, Role::Regular, d.spec, d.weight, d.shadow)?);
     }
     let slots = Arc::new(PolicySlots::new(slot_list, sticky));
+    let pd = if args.vllm_pd_disaggregation {
+        let (pspec, dspec) = args.pd_specs();
+        Some(Arc::new(Pd {
+            prefill: load_slot("prefill", Role::Prefill, pspec, 100, false)?,
+            decode: load_slot("decode", Role::Decode, dspec, 100, false)?,
+            zmq_addresses: Default::default(),
+        }))
+    } else {
+        None
+    };
     tracing::info!("policies ready in {:?}", t0.elapsed());
     let hcfg = HealthConfig {
         interval: Duration::from_secs(args.health_check_interval_secs.max(1)),
@@ -134,7 +153,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // One parallel probe round: workers that do not answer start unhealthy and the
     // health checker brings them in when they do. Serving starts at once either way.
     let mut healthy = health::startup_probe(&registry, &hcfg).await;
-    if healthy == 0 && args.worker_startup_timeout_secs > 0 && !args.worker_urls.is_empty() {
+    if healthy == 0 && args.worker_startup_timeout_secs > 0 && !static_workers.is_empty() {
         tracing::warn!(
             "no worker answers {} yet; waiting up to {}s (--worker-startup-timeout-secs)",
             hcfg.endpoint,
@@ -146,7 +165,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "no worker became healthy within {}s (--worker-startup-timeout-secs); checked {}",
                     args.worker_startup_timeout_secs,
-                    args.worker_urls.join(", ")
+                    static_workers.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>().join(", ")
                 );
             }
             tokio::time::sleep(Duration::from_secs(args.worker_startup_check_interval)).await;
@@ -165,8 +184,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     } else {
         let s2 = slots.clone();
+        let pd2 = pd.clone();
         let lookup: vllm_router::watch::SlotLookup = Arc::new(move |path: &std::path::Path| {
-            s2.loaded_from(path)
+            let mut found = s2.loaded_from(path);
+            if let Some(pd) = &pd2 {
+                for s in [&pd.prefill, &pd.decode] {
+                    if s.file().as_deref() == Some(path) {
+                        found.push(s.clone());
+                    }
+                }
+            }
+            found
         });
         let w = PolicyWatcher::start(
             Duration::from_millis(args.watch_debounce_ms.max(1)),
@@ -175,7 +203,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             registry.clone(),
             metrics.clone(),
         )?;
-        for s in slots.all().iter() {
+        let pd_slots = pd.iter().flat_map(|pd| [pd.prefill.clone(), pd.decode.clone()]);
+        for s in slots.all().iter().cloned().chain(pd_slots) {
             if let Some(f) = s.file() {
                 w.watch(&f)?;
             }
@@ -209,7 +238,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         request_timeout: Duration::from_secs(args.request_timeout_secs),
         failure_threshold: args.health_failure_threshold,
+        pd: pd.clone(),
+        default_role: if args.vllm_pd_disaggregation {
+            Role::Decode
+        } else {
+            Role::Regular
+        },
     });
+    if let (Some(addr), Some(pd)) = (&args.vllm_discovery_address, &pd) {
+        vllm_router::discovery::start(addr, registry.clone(), pd.clone(), dp).await?;
+    }
     let state = Arc::new(AppState {
         proxy,
         request_id_headers: args

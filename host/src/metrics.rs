@@ -62,6 +62,12 @@ pub struct Metrics {
     pub cb_transitions: IntCounterVec,
     /// Policy versions quarantined after repeated faults, by slot.
     pub policy_quarantines: IntCounterVec,
+    /// PD stage requests by stage (prefill, decode) and status.
+    pub pd_stage_requests: IntCounterVec,
+    /// PD stage duration by stage (prefill: whole call; decode: to the end of the body).
+    pub pd_stage_seconds: HistogramVec,
+    /// PD: prefill start to the first decode byte (the TTFT the router adds up).
+    pub pd_ttft_seconds: prometheus::Histogram,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -226,6 +232,31 @@ impl Metrics {
                 "Policy versions quarantined after repeated faults (the fallback decides until a new version loads), by slot.",
                 &["slot"],
             ),
+            pd_stage_requests: counter(
+                &r,
+                "vllm_router_pd_stage_requests_total",
+                "Prefill/decode stage requests by stage and HTTP status.",
+                &["stage", "status"],
+            ),
+            pd_stage_seconds: histogram(
+                &r,
+                "vllm_router_pd_stage_duration_seconds",
+                "Prefill/decode stage duration (prefill: the whole call; decode: to the last byte).",
+                &["stage"],
+                DURATION_BUCKETS,
+            ),
+            pd_ttft_seconds: {
+                let h = prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "vllm_router_pd_time_to_first_byte_seconds",
+                        "Prefill/decode: from the start of prefill to the first decode byte.",
+                    )
+                    .buckets(DURATION_BUCKETS.to_vec()),
+                )
+                .expect("valid metric");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
             registry: r,
         }
     }

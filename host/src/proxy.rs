@@ -90,6 +90,10 @@ pub struct Proxy {
     pub request_timeout: Duration,
     /// Consecutive 5xx that mark a worker unhealthy.
     pub failure_threshold: u32,
+    /// Prefill/decode mode: its slots and discovery data.
+    pub pd: Option<Arc<crate::pd::Pd>>,
+    /// Role of the workers non-PD requests go to (decode workers in PD mode).
+    pub default_role: Role,
 }
 
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -111,10 +115,30 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Why an attempt produced no usable response.
-enum AttemptError {
+pub enum AttemptError {
+    /// The connection failed (nothing reached the worker).
     Connect(String),
+    /// No answer within `--request-timeout-secs`.
     Timeout,
+    /// Anything else on the transport.
     Other(String),
+}
+
+impl AttemptError {
+    /// True for connection failures.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, AttemptError::Connect(_))
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Connect(m) => write!(f, "connection failed: {m}"),
+            AttemptError::Timeout => write!(f, "no answer within the request timeout"),
+            AttemptError::Other(m) => write!(f, "{m}"),
+        }
+    }
 }
 
 /// How the worker was chosen for this request.
@@ -133,7 +157,7 @@ impl Proxy {
         exclude: &[u32],
     ) -> Option<Choice> {
         let set = self.registry.snapshot();
-        let cands = policy::candidates(&set, Role::Regular, exclude);
+        let cands = policy::candidates(&set, self.default_role, exclude);
         match arm {
             Some(slot) => {
                 let choice =
@@ -175,6 +199,19 @@ impl Proxy {
         req: &RequestInfo,
         worker: &Worker,
     ) -> Result<Response<Incoming>, AttemptError> {
+        self.send_with(req, worker, req.body.clone(), &req.request_id)
+            .await
+    }
+
+    /// Send `body` with `req`'s method, path and client headers (minus hop-by-hop) to
+    /// `worker`, with `x-request-id: request_id` and the worker's DP rank header.
+    pub async fn send_with(
+        &self,
+        req: &RequestInfo,
+        worker: &Worker,
+        body: Bytes,
+        request_id: &str,
+    ) -> Result<Response<Incoming>, AttemptError> {
         let uri = http::Uri::builder()
             .scheme("http")
             .authority(worker.authority.clone())
@@ -187,7 +224,7 @@ impl Proxy {
                 headers.append(k.clone(), v.clone());
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&req.request_id) {
+        if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static("x-request-id"), v);
         }
         if let Some(rank) = worker.dp_rank {
@@ -196,7 +233,7 @@ impl Proxy {
                 HeaderValue::from(rank),
             );
         }
-        let mut up = http::Request::new(Full::new(req.body.clone()));
+        let mut up = http::Request::new(Full::new(body));
         *up.method_mut() = req.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = headers;
@@ -287,7 +324,7 @@ impl Proxy {
                         .worker_requests
                         .with_label_values(&[&worker.url, arm_label])
                         .inc();
-                    return self.respond(req, resp, choice, guard, ticket, admission, started, sent);
+                    return self.respond(req, resp, choice, guard, ticket, admission, started, sent, false);
                 }
                 Err(err) => {
                     drop(guard);
@@ -334,7 +371,7 @@ impl Proxy {
         let err = match last_err {
             Some(e)
                 if !tried.is_empty()
-                    && policy::candidates(&self.registry.snapshot(), Role::Regular, &[])
+                    && policy::candidates(&self.registry.snapshot(), self.default_role, &[])
                         .is_empty() =>
             {
                 ApiError::no_workers(format!(
@@ -385,8 +422,11 @@ impl Proxy {
         let _ = choice.version.complete(&self.registry.snapshot(), done);
     }
 
+    /// Turn a worker response into the client response, with in-flight, breaker and
+    /// admission released when its body ends. `pd`: a decode response (records the
+    /// prefill-start-to-first-byte histogram).
     #[allow(clippy::too_many_arguments)]
-    fn respond(
+    pub(crate) fn respond(
         self: &Arc<Self>,
         req: Arc<RequestInfo>,
         resp: Response<Incoming>,
@@ -396,6 +436,7 @@ impl Proxy {
         admission: Option<tokio::sync::OwnedSemaphorePermit>,
         started: Instant,
         sent: Instant,
+        pd: bool,
     ) -> Response<Body> {
         let (parts, body) = resp.into_parts();
         let sse = parts
@@ -422,6 +463,7 @@ impl Proxy {
                 ticket,
                 _admission: admission,
                 stream_failed: false,
+                pd,
                 started,
                 sent,
                 first_byte: None,
@@ -454,6 +496,7 @@ struct Done {
     /// `--max-concurrent-requests` permit, released when the body ends.
     _admission: Option<tokio::sync::OwnedSemaphorePermit>,
     stream_failed: bool,
+    pd: bool,
     started: Instant,
     sent: Instant,
     first_byte: Option<Duration>,
@@ -482,6 +525,13 @@ impl Done {
             m.ttfb_seconds
                 .with_label_values(&[self.route, slot])
                 .observe(fb.as_secs_f64());
+        }
+        if let (true, Some(fb)) = (self.pd, self.first_byte) {
+            m.pd_ttft_seconds
+                .observe((self.sent - self.started + fb).as_secs_f64());
+            m.pd_stage_seconds
+                .with_label_values(&["decode"])
+                .observe(self.sent.elapsed().as_secs_f64());
         }
         self.proxy.feedback(
             &self.choice,

@@ -358,6 +358,9 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     } else {
         None
     };
+    if let (Some(pd), true) = (&st.proxy.pd, generation && crate::pd::is_generation(&info.path)) {
+        return st.proxy.forward_pd(pd, Arc::new(info), permit).await;
+    }
     st.proxy.forward(Arc::new(info), sel, permit).await
 }
 

@@ -632,6 +632,12 @@ impl PolicyVersion {
         })
     }
 
+    /// Drop the live instance: the next call starts from a fresh `init` (used after the
+    /// load-time smoke test, so it leaves no trace in the policy's state).
+    pub fn reset_instance(&self) {
+        *self.live.lock() = None;
+    }
+
     /// Faults counted so far.
     pub fn faults(&self) -> u64 {
         self.faults.load(Ordering::Relaxed)

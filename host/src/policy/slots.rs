@@ -164,6 +164,9 @@ pub fn build_version(
         version
             .select(&smoke_request(), stage, set, &cands)
             .map_err(|f| anyhow::anyhow!("smoke-test select failed: {f}"))?;
+        // Serve from a fresh instance: the smoke test must not shape the policy's state
+        // (a round-robin position, a prefix-tree entry).
+        version.reset_instance();
     }
     Ok(version)
 }

@@ -88,6 +88,20 @@ struct Knobs {
     /// queue building up in the engine).
     #[arg(long, default_value_t = 0)]
     waiting: u64,
+    /// Role in a PD deployment: `regular`, `prefill` (answers a request carrying
+    /// `kv_transfer_params.do_remote_decode` with NIXL-style hand-off params) or `decode`.
+    #[arg(long, default_value = "regular")]
+    role: String,
+    /// Send P2P NCCL discovery heartbeats (msgpack over a ZMQ DEALER socket) to this
+    /// router address (`HOST:PORT`); empty = don't.
+    #[arg(long, default_value = "")]
+    register: String,
+    /// ZMQ address announced in heartbeats (default `127.0.0.1:<port + 10000>`).
+    #[arg(long, default_value = "")]
+    zmq_address: String,
+    /// Heartbeat interval, ms.
+    #[arg(long, default_value_t = 1000)]
+    register_interval_ms: u64,
     /// Keep the last 256 requests for `GET /sim/requests` (off for benchmarks).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     record: bool,
@@ -107,6 +121,10 @@ impl Default for Knobs {
             block_chars: 64,
             prefill_us_per_token: 0,
             waiting: 0,
+            role: "regular".into(),
+            register: String::new(),
+            zmq_address: String::new(),
+            register_interval_ms: 1000,
             record: true,
         }
     }
@@ -169,6 +187,7 @@ impl PrefixCache {
 }
 
 struct Sim {
+    port: u16,
     knobs: Mutex<Knobs>,
     cache: Mutex<PrefixCache>,
     recent: Mutex<VecDeque<Recorded>>,
@@ -361,6 +380,17 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
         format!("cmpl-{}-{n}", k.worker_id)
     };
     let created = now();
+    // NIXL-style hand-off: a prefill asked for a remote decode answers with the params
+    // the decode instance needs to pull the KV cache.
+    let kv_out = if k.role == "prefill"
+        && body.pointer("/kv_transfer_params/do_remote_decode") == Some(&json!(true))
+    {
+        json!({"do_remote_prefill": true, "do_remote_decode": false,
+            "remote_engine_id": format!("engine-{}", k.worker_id), "remote_block_ids": [1, 2, 3],
+            "remote_host": "127.0.0.1", "remote_port": s.port, "tp_size": 1})
+    } else {
+        Value::Null
+    };
     let usage = json!({"prompt_tokens": ptoks, "total_tokens": ptoks + max_tokens, "completion_tokens": max_tokens, "prompt_tokens_details": {"cached_tokens": cached}});
     let worker = k.worker_id.clone();
     s.running.fetch_add(1, Ordering::Relaxed);
@@ -382,11 +412,11 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
             json!({"id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "reasoning_content": null, "content": text, "tool_calls": []},
                     "logprobs": null, "finish_reason": "length", "stop_reason": null}],
-                "usage": usage, "prompt_logprobs": null, "system_fingerprint": worker, "kv_transfer_params": null})
+                "usage": usage, "prompt_logprobs": null, "system_fingerprint": worker, "kv_transfer_params": kv_out})
         } else {
             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": "length", "stop_reason": null, "prompt_logprobs": null}],
-                "usage": usage, "system_fingerprint": worker, "kv_transfer_params": null})
+                "usage": usage, "system_fingerprint": worker, "kv_transfer_params": kv_out})
         };
         s.running.fetch_sub(1, Ordering::Relaxed);
         s.served.fetch_add(1, Ordering::Relaxed);
@@ -479,10 +509,53 @@ async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     r
 }
 
+/// P2P NCCL discovery heartbeats while `register` is set (re-read every interval, so
+/// `POST /sim/config {"register": ""}` makes the instance go silent).
+async fn heartbeats(sim: Arc<Sim>) {
+    use zeromq::{Socket, SocketSend};
+    let mut sock: Option<(String, zeromq::DealerSocket)> = None;
+    loop {
+        let k = sim.knobs.lock().clone();
+        tokio::time::sleep(Duration::from_millis(k.register_interval_ms.max(10))).await;
+        if k.register.is_empty() {
+            sock = None;
+            continue;
+        }
+        if sock.as_ref().is_none_or(|(a, _)| *a != k.register) {
+            let mut d = zeromq::DealerSocket::new();
+            if let Err(e) = d.connect(&format!("tcp://{}", k.register)).await {
+                eprintln!("vllm-sim: cannot connect to {}: {e}", k.register);
+                continue;
+            }
+            sock = Some((k.register.clone(), d));
+        }
+        let kind = if k.role == "prefill" { "P" } else { "D" };
+        let zmq = if k.zmq_address.is_empty() {
+            format!("127.0.0.1:{}", sim.port as u32 + 10000)
+        } else {
+            k.zmq_address.clone()
+        };
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("type", kind.to_string());
+        m.insert("http_address", format!("127.0.0.1:{}", sim.port));
+        m.insert("zmq_address", zmq);
+        let payload = rmp_serde::to_vec_named(&m).expect("msgpack");
+        if let Some((_, d)) = sock.as_mut() {
+            if let Err(e) = d.send(zeromq::ZmqMessage::from(payload)).await {
+                eprintln!("vllm-sim: heartbeat failed: {e}");
+                sock = None;
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
+    let port = listener.local_addr()?.port();
     let sim = Arc::new(Sim {
+        port,
         knobs: Mutex::new(args.knobs.clone()),
         cache: Mutex::new(PrefixCache::default()),
         recent: Mutex::new(VecDeque::new()),
@@ -498,9 +571,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/sim/requests", get(recent).delete(clear_recent))
         .route("/v1/embeddings", post(embeddings))
         .fallback(generate)
-        .with_state(sim);
-    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
-    let port = listener.local_addr()?.port();
+        .with_state(sim.clone());
+    tokio::spawn(heartbeats(sim.clone()));
     println!("LISTENING {port}");
     use std::io::Write;
     std::io::stdout().flush()?;

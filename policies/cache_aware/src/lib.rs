@@ -8,7 +8,7 @@
 //!    `max > min × balance_rel_threshold`): the least loaded worker.
 //! 2. Otherwise match the routing text against the tree. Workers holding more than
 //!    `cache_threshold` of the text are holders. Holders whose cached text the request
-//!    *extends* (a later turn of a conversation, a repeat) rank before holders it merely
+//!    *extends* (a later turn of a conversation) rank before holders it merely
 //!    branches off (a shared system prompt or few-shot header, then something new); then
 //!    the least loaded, then the longest match. A branch holder must be **within its fair
 //!    share** (see below), and among them the smallest recent share goes first.
@@ -25,7 +25,8 @@
 //! stays within about the load factor (max *and* min), while each prefix keeps only as
 //! many homes as its traffic needs. Conversations that extend their own cached history
 //! are exempt: moving one costs its whole prefill, and the new conversations are what the
-//! bound spreads.
+//! bound spreads. Exact repeats are not exempt: many clients sending one popular prompt
+//! must spread too.
 //!
 //! What this fixes in the anchors (vllm-project/router, SGLang):
 //! - Chat requests get real routing text (the host renders the messages in order), so
@@ -316,7 +317,10 @@ impl Policy for CacheAware {
             let mut best: Option<(bool, u64, u32, std::cmp::Reverse<usize>, usize)> = None;
             for (t, tm) in m.iter().enumerate() {
                 let recent = self.recent_of(t as Tenant);
-                if (tm.matched as f64) <= need || (!tm.continuation && recent > bound) {
+                // An exact repeat of cached text is popular-prompt traffic as often as a
+                // retry: it gets the fair-share bound like a shared prefix.
+                let extends = tm.continuation && tm.matched < text.len();
+                if (tm.matched as f64) <= need || (!extends && recent > bound) {
                     continue;
                 }
                 let Some(&ci) = cand.get(t) else { continue };
@@ -324,9 +328,9 @@ impl Policy for CacheAware {
                     continue;
                 }
                 let key = (
-                    !tm.continuation,
+                    !extends,
                     candidates[ci as usize].load(),
-                    if tm.continuation { 0 } else { recent },
+                    if extends { 0 } else { recent },
                     std::cmp::Reverse(tm.matched),
                     ci as usize,
                 );

@@ -251,14 +251,7 @@ async fn policy_wasm_loads_the_example_policy_and_it_decides() {
     );
     assert_eq!(seen.len(), 2, "{seen:?}");
     // The router reports the custom policy's version in its metrics.
-    let m = c
-        .get(format!("http://127.0.0.1:{}/metrics", router.metrics_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = router_metrics(&router).await;
     assert!(
         m.contains("vllm_router_policy_info{")
             && m.contains("policy=\"least_inflight_policy\"")

@@ -43,6 +43,15 @@ fn install(src: &[u8], dst: &Path, by_rename: bool) {
     }
 }
 
+/// A router with `pick_first` as the main policy and `pick_last` as arm `b`.
+fn ab_router(sims: &[Proc], extra: &[&str]) -> Proc {
+    let first = policy_wasm("test_policy_pick_first");
+    let last = policy_wasm("test_policy_pick_last");
+    let mut args = vec!["--policy-wasm", first.to_str().unwrap(), "--ab-policy-wasm", last.to_str().unwrap(), "--no-watch"];
+    args.extend_from_slice(extra);
+    start_router(&urls(sims), &args)
+}
+
 async fn admin(c: &reqwest::Client, router: &Proc) -> Value {
     c.get(format!("{}/admin/policies", router.url()))
         .bearer_auth(KEY)
@@ -162,20 +171,7 @@ async fn hot_swap_under_load_never_fails_a_request_and_keeps_the_last_good_versi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ab_split_follows_the_weights_and_is_labelled_per_arm() {
     let sims = start_sims(2, &[]);
-    let first = policy_wasm("test_policy_pick_first");
-    let last = policy_wasm("test_policy_pick_last");
-    let router = start_router(
-        &urls(&sims),
-        &[
-            "--policy-wasm",
-            first.to_str().unwrap(),
-            "--ab-policy-wasm",
-            last.to_str().unwrap(),
-            "--ab-percent",
-            "30",
-            "--no-watch",
-        ],
-    );
+    let router = ab_router(&sims, &["--ab-percent", "30"]);
     let c = client();
     let mut count: HashMap<String, u32> = HashMap::new();
     let n = 1000;
@@ -194,21 +190,7 @@ async fn ab_split_follows_the_weights_and_is_labelled_per_arm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_ab_keeps_a_session_on_one_arm() {
     let sims = start_sims(2, &[]);
-    let first = policy_wasm("test_policy_pick_first");
-    let last = policy_wasm("test_policy_pick_last");
-    let router = start_router(
-        &urls(&sims),
-        &[
-            "--policy-wasm",
-            first.to_str().unwrap(),
-            "--ab-policy-wasm",
-            last.to_str().unwrap(),
-            "--ab-percent",
-            "50",
-            "--ab-sticky",
-            "--no-watch",
-        ],
-    );
+    let router = ab_router(&sims, &["--ab-percent", "50", "--ab-sticky"]);
     let c = client();
     let url = format!("{}/v1/chat/completions", router.url());
     let mut arms = HashMap::new();

@@ -339,29 +339,7 @@ pub struct PolicySlots {
     edit: Mutex<()>,
 }
 
-/// Headers, then body fields, that identify a session for sticky A/B assignment (the
-/// same priority as consistent_hash).
-const SESSION_HEADERS: &[&str] = &[
-    "x-session-id",
-    "x-user-id",
-    "x-tenant-id",
-    "x-request-id",
-    "x-correlation-id",
-    "x-trace-id",
-];
-const SESSION_FIELDS: &[&str] = &["session_params.session_id", "user", "session_id", "user_id"];
-
-fn hash64(s: &[u8]) -> u64 {
-    // FNV-1a + fmix64: stable across processes (sticky arms agree between replicas).
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
-}
+use vllm_router_sdk::routing::{SESSION_KEY_FIELDS, SESSION_KEY_HEADERS, stable_hash64};
 
 impl PolicySlots {
     /// Slots in order; at least one non-shadow slot.
@@ -479,7 +457,7 @@ impl PolicySlots {
             return serving().next().cloned().unwrap_or_else(first);
         }
         let point = match self.sticky.then(|| session_key(req)).flatten() {
-            Some(k) => hash64(k.as_bytes()) % total,
+            Some(k) => stable_hash64(k.as_bytes()) % total,
             None => rand::random_range(0..total),
         };
         let mut acc = 0u64;
@@ -509,10 +487,10 @@ impl PolicySlots {
 }
 
 /// The session key of a request for sticky assignment: first client header of
-/// [`SESSION_HEADERS`] (a router-generated request id is not a client header), then
-/// body fields.
+/// `SESSION_KEY_HEADERS` (a router-generated request id is not a client header), then
+/// body fields (`SESSION_KEY_FIELDS`).
 pub fn session_key(req: &RequestInfo) -> Option<String> {
-    for h in SESSION_HEADERS {
+    for h in SESSION_KEY_HEADERS {
         if let Some(v) = req.header(h).filter(|v| !v.is_empty()) {
             return Some(v.to_string());
         }
@@ -520,7 +498,7 @@ pub fn session_key(req: &RequestInfo) -> Option<String> {
     if req.body.is_empty() {
         return None;
     }
-    SESSION_FIELDS
+    SESSION_KEY_FIELDS
         .iter()
         .find_map(|f| req.body_field(f).filter(|v| !v.is_empty()))
 }

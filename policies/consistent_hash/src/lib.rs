@@ -2,7 +2,8 @@
 //!
 //! - Ring: 160 virtual nodes per worker (vllm-project/router's count), keyed
 //!   `"{url}:{i}"` (or `"{url}@{rank}:{i}"`), so every router replica builds the same ring.
-//!   Point hash: [`hash64`] (word-at-a-time multiply-rotate, MurmurHash3's `fmix64`).
+//!   Point hash: `vllm_router_sdk::routing::stable_hash64` (word-at-a-time
+//!   multiply-rotate, MurmurHash3's `fmix64`).
 //! - Key, first present: client headers `x-session-id`, `x-user-id`, `x-tenant-id`,
 //!   `x-request-id`, `x-correlation-id`, `x-trace-id` (the host shows only headers the
 //!   client sent, so a router-generated id never becomes the key); then body fields
@@ -23,17 +24,11 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use vllm_router_sdk::prelude::*;
 
-/// Header names checked for a key, in priority order.
-pub const KEY_HEADERS: &[&str] = &[
-    "x-session-id",
-    "x-user-id",
-    "x-tenant-id",
-    "x-request-id",
-    "x-correlation-id",
-    "x-trace-id",
-];
+/// Header names checked for a key, in priority order (shared with the router's sticky
+/// A/B assignment).
+pub use vllm_router_sdk::routing::SESSION_KEY_HEADERS as KEY_HEADERS;
 /// Body fields checked after the headers, in priority order.
-pub const KEY_FIELDS: &[&str] = &["session_params.session_id", "user", "session_id", "user_id"];
+pub use vllm_router_sdk::routing::SESSION_KEY_FIELDS as KEY_FIELDS;
 
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -53,28 +48,7 @@ impl Default for Config {
     }
 }
 
-/// 64-bit hash of `bytes`: eight bytes per step (xor, multiply by the 64-bit golden
-/// ratio, rotate), then MurmurHash3's `fmix64` finaliser over the state and the length.
-/// Deterministic on every platform, so every router replica builds the same ring; about
-/// 8× faster than byte-wise FNV-1a on long routing texts.
-pub fn hash64(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut chunks = bytes.chunks_exact(8);
-    for c in &mut chunks {
-        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-        h = (h ^ w).wrapping_mul(K).rotate_left(29);
-    }
-    let mut tail = [0u8; 8];
-    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
-    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(K);
-    h ^= bytes.len() as u64;
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
+pub use vllm_router_sdk::routing::stable_hash64 as hash64;
 
 /// The policy: a sorted ring of `(point, worker id)`.
 pub struct ConsistentHash {

@@ -19,6 +19,11 @@ use vllm_router::server::{AppState, app};
 use vllm_router::workers::Registry;
 use vllm_router_sdk::Role;
 
+/// mimalloc instead of glibc malloc: under load glibc's malloc/free/consolidate were
+/// ~8 % of the router's CPU (perf), with per-request allocations freed on other threads.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn export_policy(spec: &str) -> anyhow::Result<()> {
     let (name, path) = spec.split_once('=').ok_or_else(|| {
         anyhow::anyhow!("--export-policy takes NAME=PATH, e.g. round_robin=./round_robin.wasm")

@@ -24,6 +24,24 @@ use vllm_router_sdk::Role;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc reads its options from the environment once, before `main`. Eager arena
+/// commit (its default) left ~45 MiB resident after startup; off, RSS stays ~25 MiB
+/// with the same throughput. So the router re-executes itself once with the option set
+/// (same PID; `exec` returns only on failure, and then we simply run as we are).
+fn tune_allocator() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_some() {
+        return;
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+            .exec();
+        eprintln!("note: running without MIMALLOC_ARENA_EAGER_COMMIT=0 (re-exec failed: {err})");
+    }
+}
+
 fn export_policy(spec: &str) -> anyhow::Result<()> {
     let (name, path) = spec.split_once('=').ok_or_else(|| {
         anyhow::anyhow!("--export-policy takes NAME=PATH, e.g. round_robin=./round_robin.wasm")
@@ -51,6 +69,7 @@ async fn shutdown_signal() {
 }
 
 fn main() -> anyhow::Result<()> {
+    tune_allocator();
     vllm_router::util::mark_start();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)

@@ -608,6 +608,14 @@ impl HttpBody for TrackedBody {
                         d.first_byte = Some(d.sent.elapsed());
                     }
                 }
+                // The worker's body is complete (e.g. its Content-Length reached): account
+                // for the request now, before the client can see the last byte and send
+                // its next request (which would otherwise still see this one in flight).
+                if self.inner.is_end_stream() {
+                    if let Some(d) = self.done.take() {
+                        d.finish();
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => self.fail(&e.to_string()),

@@ -101,7 +101,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let args = args;
     let t0 = Instant::now();
-    let engine = PolicyEngine::new(args.policy_timeout_ms, args.policy_max_memory_mb)?;
+    let engine = PolicyEngine::with_options(
+        args.policy_timeout_ms,
+        args.policy_max_memory_mb,
+        args.policy_optimize,
+    )?;
     let cb = Arc::new(BreakerShared {
         cfg: BreakerConfig {
             enabled: !args.disable_circuit_breaker,

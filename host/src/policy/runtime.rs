@@ -231,12 +231,26 @@ pub struct PolicyEngine {
 const COMPILED_CACHE: usize = 8;
 
 impl PolicyEngine {
-    /// Build the engine and start its epoch ticker thread (stops when the engine drops).
-    /// `timeout_ms`: per-call budget; `max_memory_mb`: per-instance memory cap.
+    /// Build the engine (Cranelift without its own optimisations, see
+    /// [`PolicyEngine::with_options`]) and start its epoch ticker thread (stops when the
+    /// engine drops). `timeout_ms`: per-call budget; `max_memory_mb`: per-instance cap.
     pub fn new(timeout_ms: u64, max_memory_mb: u64) -> anyhow::Result<Arc<Self>> {
+        Self::with_options(timeout_ms, max_memory_mb, false)
+    }
+
+    /// Like [`PolicyEngine::new`]; `optimize` turns on Cranelift's optimisations. Policies
+    /// arrive already optimised by their own compiler (LLVM for Rust, C, Go): measured
+    /// here, decision cost is the same either way while compilation (start, hot swap) is
+    /// ~25 % faster without (cache_aware 176 vs 224–254 ms on one core).
+    pub fn with_options(timeout_ms: u64, max_memory_mb: u64, optimize: bool) -> anyhow::Result<Arc<Self>> {
         let mut cfg = Config::new();
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
+        cfg.cranelift_opt_level(if optimize {
+            wasmtime::OptLevel::Speed
+        } else {
+            wasmtime::OptLevel::None
+        });
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
         PolicyWorld::add_to_linker::<PolicyState, HasSelf<PolicyState>>(&mut linker, |s| s)?;

@@ -49,10 +49,7 @@ type St = State<Arc<Admin>>;
 pub fn routes(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/admin/policies", get(list))
-        .route(
-            "/admin/policies/{name}",
-            put(load).delete(remove).get(show),
-        )
+        .route("/admin/policies/{name}", put(load).delete(remove).get(show))
         .route("/admin/policies/{name}/reload", post(reload))
         .route("/admin/policies/{name}/promote", post(promote))
         .route("/admin/weights", put(weights))
@@ -155,10 +152,25 @@ struct LoadBody {
 async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
     let b: LoadBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
-        Err(e) => return bad("invalid_json", format!("expected {{\"builtin\"|\"path\", \"config\"?, \"sha256\"?, \"weight\"?, \"shadow\"?}}: {e}")),
+        Err(e) => {
+            return bad(
+                "invalid_json",
+                format!(
+                    "expected {{\"builtin\"|\"path\", \"config\"?, \"sha256\"?, \"weight\"?, \"shadow\"?}}: {e}"
+                ),
+            );
+        }
     };
-    if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-        return bad("invalid_slot_name", "slot names are 1-64 characters of [A-Za-z0-9_-]");
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return bad(
+            "invalid_slot_name",
+            "slot names are 1-64 characters of [A-Za-z0-9_-]",
+        );
     }
     let existing = a.slots.get(&name);
     let source = match (b.builtin, b.path) {
@@ -183,7 +195,10 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
         PolicySource::Builtin(n) => a.args.builtin_config_with(n, &config),
         PolicySource::File(_) => config,
     };
-    let spec = SlotSpec { source: source.clone(), config };
+    let spec = SlotSpec {
+        source: source.clone(),
+        config,
+    };
     let a2 = a.clone();
     let pin = b.sha256.clone();
     // Compiling takes tens of milliseconds: keep it off the async workers.
@@ -221,7 +236,10 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
                     tracing::warn!("{e:#}");
                 }
             }
-            a.metrics.slot_weight.with_label_values(&[&slot.name]).set(slot.weight() as i64);
+            a.metrics
+                .slot_weight
+                .with_label_values(&[&slot.name])
+                .set(slot.weight() as i64);
             axum::Json(slot_json(&slot)).into_response()
         }
         Ok(Err(msg)) => ApiError::new(
@@ -241,7 +259,10 @@ async fn reload(State(a): St, Path(name): Path<String>) -> Response {
     };
     let a2 = a.clone();
     let s2 = slot.clone();
-    let r = tokio::task::spawn_blocking(move || s2.reload(&a2.engine, &a2.registry, &a2.metrics, None, None)).await;
+    let r = tokio::task::spawn_blocking(move || {
+        s2.reload(&a2.engine, &a2.registry, &a2.metrics, None, None)
+    })
+    .await;
     match r {
         Ok(Ok(_)) => axum::Json(slot_json(&slot)).into_response(),
         Ok(Err(e)) => ApiError::new(
@@ -259,26 +280,45 @@ async fn remove(State(a): St, Path(name): Path<String>) -> Response {
     match a.slots.remove(&name) {
         Ok(s) => {
             let v = s.current();
-            let _ = a.metrics.policy_info.remove_label_values(&[&name, &v.name, &v.sha256[..12], &v.source]);
+            let _ = a.metrics.policy_info.remove_label_values(&[
+                &name,
+                &v.name,
+                &v.sha256[..12],
+                &v.source,
+            ]);
             let _ = a.metrics.slot_weight.remove_label_values(&[&name]);
             tracing::info!(slot = %name, "policy slot removed");
             axum::Json(json!({"removed": name})).into_response()
         }
         Err(msg) if msg.starts_with("no slot") => not_found(&name),
-        Err(msg) => ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "slot_in_use", msg).into_response(),
+        Err(msg) => ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "slot_in_use",
+            msg,
+        )
+        .into_response(),
     }
 }
 
 async fn weights(State(a): St, body: axum::body::Bytes) -> Response {
     let m: std::collections::BTreeMap<String, u32> = match serde_json::from_slice(&body) {
         Ok(m) => m,
-        Err(e) => return bad("invalid_json", format!("expected {{\"slot\": weight, ...}}: {e}")),
+        Err(e) => {
+            return bad(
+                "invalid_json",
+                format!("expected {{\"slot\": weight, ...}}: {e}"),
+            );
+        }
     };
     let w: Vec<(String, u32)> = m.into_iter().collect();
     match a.slots.set_weights(&w) {
         Ok(()) => {
             for s in a.slots.all().iter().filter(|s| !s.shadow) {
-                a.metrics.slot_weight.with_label_values(&[&s.name]).set(s.weight() as i64);
+                a.metrics
+                    .slot_weight
+                    .with_label_values(&[&s.name])
+                    .set(s.weight() as i64);
             }
             tracing::info!(?w, "A/B weights changed");
             list(State(a)).await
@@ -291,7 +331,10 @@ async fn promote(State(a): St, Path(name): Path<String>) -> Response {
     match a.slots.promote(&name) {
         Ok(()) => {
             for s in a.slots.all().iter().filter(|s| !s.shadow) {
-                a.metrics.slot_weight.with_label_values(&[&s.name]).set(s.weight() as i64);
+                a.metrics
+                    .slot_weight
+                    .with_label_values(&[&s.name])
+                    .set(s.weight() as i64);
             }
             tracing::info!(slot = %name, "slot promoted: takes all traffic");
             list(State(a)).await
@@ -314,12 +357,22 @@ async fn add_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
         Err(e) => return bad("invalid_url", format!("'{url}' is not a URL: {e}")),
     };
     if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return bad("invalid_url", format!("'{url}' must look like http://host:port"));
+        return bad(
+            "invalid_url",
+            format!("'{url}' must look like http://host:port"),
+        );
     }
-    let probe = format!("{}{}", url.trim_end_matches('/'), a.args.health_check_endpoint);
+    let probe = format!(
+        "{}{}",
+        url.trim_end_matches('/'),
+        a.args.health_check_endpoint
+    );
     let client = reqwest_like_probe(Duration::from_secs(a.args.health_check_timeout_secs.max(1)));
     if !client(probe.clone()).await {
-        return bad("worker_unhealthy", format!("{probe} did not answer 2xx; worker not added"));
+        return bad(
+            "worker_unhealthy",
+            format!("{probe} did not answer 2xx; worker not added"),
+        );
     }
     match a.registry.add(&url, Role::Regular, 1) {
         Ok(ids) => {
@@ -336,19 +389,29 @@ async fn remove_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
     };
     let n = a.registry.remove(&url);
     if n == 0 {
-        return ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "no_such_worker", format!("no worker {url}")).into_response();
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "no_such_worker",
+            format!("no worker {url}"),
+        )
+        .into_response();
     }
     tracing::info!(worker = %url, removed = n, "worker removed by admin API");
     axum::Json(json!({"removed": url, "workers": n})).into_response()
 }
 
 /// One GET with a timeout; true on 2xx.
-fn reqwest_like_probe(timeout: Duration) -> impl Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
+fn reqwest_like_probe(
+    timeout: Duration,
+) -> impl Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
     let client = crate::health::probe_client(timeout);
     move |url: String| {
         let client = client.clone();
         Box::pin(async move {
-            let Ok(uri) = url.parse::<http::Uri>() else { return false };
+            let Ok(uri) = url.parse::<http::Uri>() else {
+                return false;
+            };
             matches!(tokio::time::timeout(timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
         })
     }

@@ -132,7 +132,10 @@ impl Breaker {
         }
         match self.state() {
             BreakerState::Closed => (true, None),
-            BreakerState::HalfOpen => (self.probes.load(Ordering::Relaxed) < cfg.half_open_max, None),
+            BreakerState::HalfOpen => (
+                self.probes.load(Ordering::Relaxed) < cfg.half_open_max,
+                None,
+            ),
             BreakerState::Open => {
                 let mut inner = self.inner.lock();
                 if self.state() == BreakerState::Open
@@ -163,7 +166,12 @@ impl Breaker {
                     if cur >= cfg.half_open_max {
                         return None;
                     }
-                    match self.probes.compare_exchange(cur, cur + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                    match self.probes.compare_exchange(
+                        cur,
+                        cur + 1,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    ) {
                         Ok(_) => return Some(true),
                         Err(v) => cur = v,
                     }
@@ -181,7 +189,13 @@ impl Breaker {
 
     /// Record the outcome of a request admitted by [`Breaker::acquire`] (`probe` as it
     /// returned). Returns the transition it caused, if any.
-    pub fn record(&self, cfg: &BreakerConfig, probe: bool, ok: bool, now_ms: u64) -> Option<Transition> {
+    pub fn record(
+        &self,
+        cfg: &BreakerConfig,
+        probe: bool,
+        ok: bool,
+        now_ms: u64,
+    ) -> Option<Transition> {
         if !cfg.enabled {
             return None;
         }
@@ -196,20 +210,24 @@ impl Breaker {
             }
             (BreakerState::Closed, false) => {
                 if inner.streak == 0
-                    || now_ms.saturating_sub(inner.streak_started_ms) > cfg.window.as_millis() as u64
+                    || now_ms.saturating_sub(inner.streak_started_ms)
+                        > cfg.window.as_millis() as u64
                 {
                     inner.streak = 0;
                     inner.streak_started_ms = now_ms;
                 }
                 inner.streak += 1;
-                (inner.streak >= cfg.failure_threshold).then(|| self.set(&mut inner, BreakerState::Open, now_ms))
+                (inner.streak >= cfg.failure_threshold)
+                    .then(|| self.set(&mut inner, BreakerState::Open, now_ms))
             }
             (BreakerState::HalfOpen, true) => {
                 inner.half_successes += 1;
                 (inner.half_successes >= cfg.success_threshold)
                     .then(|| self.set(&mut inner, BreakerState::Closed, now_ms))
             }
-            (BreakerState::HalfOpen, false) => Some(self.set(&mut inner, BreakerState::Open, now_ms)),
+            (BreakerState::HalfOpen, false) => {
+                Some(self.set(&mut inner, BreakerState::Open, now_ms))
+            }
             // A request admitted before the breaker opened: its outcome changes nothing.
             (BreakerState::Open, _) => None,
         }
@@ -252,7 +270,10 @@ mod tests {
         assert!(!b.allows(&c, 1100).0);
         assert_eq!(b.record(&c, p1, true, 1200), None);
         let p2 = b.acquire(&c).unwrap();
-        assert_eq!(b.record(&c, p2, true, 1300), Some((BreakerState::HalfOpen, BreakerState::Closed)));
+        assert_eq!(
+            b.record(&c, p2, true, 1300),
+            Some((BreakerState::HalfOpen, BreakerState::Closed))
+        );
         assert!(b.allows(&c, 1300).0);
     }
 
@@ -264,13 +285,20 @@ mod tests {
             let t = b.acquire(&c).unwrap();
             b.record(&c, t, ok, 0);
         }
-        assert_eq!(b.state(), BreakerState::Closed, "a success in between resets");
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "a success in between resets"
+        );
         let t = b.acquire(&c).unwrap();
         b.record(&c, t, false, 0);
         assert_eq!(b.state(), BreakerState::Open);
         b.allows(&c, 2000);
         let p = b.acquire(&c).unwrap();
-        assert_eq!(b.record(&c, p, false, 2001), Some((BreakerState::HalfOpen, BreakerState::Open)));
+        assert_eq!(
+            b.record(&c, p, false, 2001),
+            Some((BreakerState::HalfOpen, BreakerState::Open))
+        );
         assert!(!b.allows(&c, 2500).0);
     }
 
@@ -283,7 +311,10 @@ mod tests {
             b.record(&c, t, false, now);
         }
         assert_eq!(b.state(), BreakerState::Closed);
-        let off = BreakerConfig { enabled: false, ..cfg() };
+        let off = BreakerConfig {
+            enabled: false,
+            ..cfg()
+        };
         for _ in 0..100 {
             let t = b.acquire(&off).unwrap();
             b.record(&off, t, false, 0);

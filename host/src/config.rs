@@ -168,7 +168,12 @@ pub struct Args {
     /// Enables the admin API (`/admin/...`: policy slots, weights, reloads; and
     /// `/add_worker`, `/remove_worker`) for callers sending `Authorization: Bearer KEY`.
     /// Without a key the admin API is off.
-    #[arg(long, env = "VLLM_ROUTER_ADMIN_API_KEY", value_name = "KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "VLLM_ROUTER_ADMIN_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
     pub admin_api_key: Option<String>,
 
     /// Per-call time limit of a policy, in milliseconds. A call that runs longer is
@@ -345,14 +350,17 @@ impl Args {
         if self.intra_node_data_parallel_size == 0 {
             return Err("--intra-node-data-parallel-size must be at least 1".into());
         }
-        for u in self.worker_urls.iter().chain(&self.prefill).chain(&self.decode) {
+        for u in self
+            .worker_urls
+            .iter()
+            .chain(&self.prefill)
+            .chain(&self.decode)
+        {
             let uri: http::Uri = u
                 .parse()
                 .map_err(|e| format!("worker URL '{u}' is not a URL: {e}"))?;
             if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(format!(
-                    "worker URL '{u}' must look like http://host:port"
-                ));
+                return Err(format!("worker URL '{u}' must look like http://host:port"));
             }
         }
         if self.retry_max_retries == 0 {
@@ -368,7 +376,9 @@ impl Args {
             return Err("--retry-max-backoff-ms must be >= --retry-initial-backoff-ms".into());
         }
         if self.cb_failure_threshold == 0 || self.cb_success_threshold == 0 {
-            return Err("--cb-failure-threshold and --cb-success-threshold must be at least 1".into());
+            return Err(
+                "--cb-failure-threshold and --cb-success-threshold must be at least 1".into(),
+            );
         }
         if self.max_concurrent_requests == 0 {
             return Err("--max-concurrent-requests must be at least 1".into());
@@ -485,7 +495,10 @@ fn one() -> u32 {
 }
 
 impl Args {
-    fn source(name: Option<&String>, wasm: Option<&PathBuf>) -> Option<crate::policy::PolicySource> {
+    fn source(
+        name: Option<&String>,
+        wasm: Option<&PathBuf>,
+    ) -> Option<crate::policy::PolicySource> {
         use crate::policy::PolicySource;
         match (wasm, name) {
             (Some(p), _) => Some(PolicySource::File(p.clone())),
@@ -518,7 +531,9 @@ impl Args {
             for e in parsed.slots {
                 let source = match (e.builtin, e.path) {
                     (Some(b), None) => PolicySource::Builtin(b),
-                    (None, Some(p)) => PolicySource::File(if p.is_absolute() { p } else { dir.join(p) }),
+                    (None, Some(p)) => {
+                        PolicySource::File(if p.is_absolute() { p } else { dir.join(p) })
+                    }
                     _ => {
                         return Err(format!(
                             "--policy-slots-file: slot '{}' needs exactly one of `builtin` or `path`",
@@ -534,7 +549,10 @@ impl Args {
                     })?,
                 };
                 if defs.iter().any(|d: &SlotDef| d.name == e.name) {
-                    return Err(format!("--policy-slots-file: slot '{}' is defined twice", e.name));
+                    return Err(format!(
+                        "--policy-slots-file: slot '{}' is defined twice",
+                        e.name
+                    ));
                 }
                 defs.push(SlotDef {
                     name: e.name,
@@ -544,13 +562,19 @@ impl Args {
                 });
             }
             if !defs.iter().any(|d| !d.shadow && d.weight > 0) {
-                return Err("--policy-slots-file: at least one non-shadow slot needs weight > 0".into());
+                return Err(
+                    "--policy-slots-file: at least one non-shadow slot needs weight > 0".into(),
+                );
             }
             return Ok((defs, parsed.sticky));
         }
         let main = Self::source(Some(&self.policy), self.policy_wasm.as_ref()).expect("policy");
         let b = Self::source(self.ab_policy.as_ref(), self.ab_policy_wasm.as_ref());
-        let main_weight = if b.is_some() { 100 - self.ab_percent } else { 100 };
+        let main_weight = if b.is_some() {
+            100 - self.ab_percent
+        } else {
+            100
+        };
         let mut defs = vec![SlotDef {
             name: "default".into(),
             spec: self.spec(main, &self.policy_config),
@@ -565,7 +589,10 @@ impl Args {
                 shadow: false,
             });
         }
-        if let Some(src) = Self::source(self.shadow_policy.as_ref(), self.shadow_policy_wasm.as_ref()) {
+        if let Some(src) = Self::source(
+            self.shadow_policy.as_ref(),
+            self.shadow_policy_wasm.as_ref(),
+        ) {
             defs.push(SlotDef {
                 name: "shadow".into(),
                 spec: self.spec(src, &self.shadow_policy_config),
@@ -585,8 +612,19 @@ impl Args {
     /// `--decode-policy[-wasm]`, default `--policy` / `--policy-wasm`).
     pub fn pd_specs(&self) -> (crate::policy::SlotSpec, crate::policy::SlotSpec) {
         let main = || Self::source(Some(&self.policy), self.policy_wasm.as_ref()).expect("policy");
-        let prefill = Self::source(self.prefill_policy.as_ref(), self.prefill_policy_wasm.as_ref()).unwrap_or_else(main);
-        let decode = Self::source(self.decode_policy.as_ref(), self.decode_policy_wasm.as_ref()).unwrap_or_else(main);
-        (self.spec(prefill, &self.policy_config), self.spec(decode, &self.policy_config))
+        let prefill = Self::source(
+            self.prefill_policy.as_ref(),
+            self.prefill_policy_wasm.as_ref(),
+        )
+        .unwrap_or_else(main);
+        let decode = Self::source(
+            self.decode_policy.as_ref(),
+            self.decode_policy_wasm.as_ref(),
+        )
+        .unwrap_or_else(main);
+        (
+            self.spec(prefill, &self.policy_config),
+            self.spec(decode, &self.policy_config),
+        )
     }
 }

@@ -36,7 +36,8 @@ pub struct Heartbeat {
 
 /// Parse a heartbeat payload; the error says what is wrong.
 pub fn parse(payload: &[u8]) -> Result<(Role, Heartbeat), String> {
-    let hb: Heartbeat = rmp_serde::from_slice(payload).map_err(|e| format!("not a msgpack heartbeat map: {e}"))?;
+    let hb: Heartbeat =
+        rmp_serde::from_slice(payload).map_err(|e| format!("not a msgpack heartbeat map: {e}"))?;
     let role = match hb.kind.as_str() {
         "P" => Role::Prefill,
         "D" => Role::Decode,
@@ -56,7 +57,12 @@ pub fn parse(payload: &[u8]) -> Result<(Role, Heartbeat), String> {
 }
 
 /// Bind the ROUTER socket (errors name the address) and serve it until the task ends.
-pub async fn start(addr: &str, registry: Arc<Registry>, pd: Arc<Pd>, dp_size: u32) -> anyhow::Result<()> {
+pub async fn start(
+    addr: &str,
+    registry: Arc<Registry>,
+    pd: Arc<Pd>,
+    dp_size: u32,
+) -> anyhow::Result<()> {
     let mut sock = RouterSocket::new();
     let endpoint = format!("tcp://{addr}");
     sock.bind(&endpoint)
@@ -102,20 +108,27 @@ pub async fn start(addr: &str, registry: Arc<Registry>, pd: Arc<Pd>, dp_size: u3
                 }
             };
             let frames = msg.into_vec();
-            let Some(payload) = frames.last() else { continue };
+            let Some(payload) = frames.last() else {
+                continue;
+            };
             let (role, hb) = match parse(payload) {
                 Ok(x) => x,
                 Err(why) => {
                     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                         last_warn = Some(Instant::now());
-                        tracing::warn!("ignored a malformed discovery message ({} bytes): {why}", payload.len());
+                        tracing::warn!(
+                            "ignored a malformed discovery message ({} bytes): {why}",
+                            payload.len()
+                        );
                     }
                     continue;
                 }
             };
             let url = format!("http://{}", hb.http_address);
             let prev = seen.lock().insert(url.clone(), (Instant::now(), role));
-            pd.zmq_addresses.write().insert(url.clone(), hb.zmq_address.clone());
+            pd.zmq_addresses
+                .write()
+                .insert(url.clone(), hb.zmq_address.clone());
             match prev {
                 Some((_, r)) if r == role => {}
                 other => {
@@ -123,7 +136,9 @@ pub async fn start(addr: &str, registry: Arc<Registry>, pd: Arc<Pd>, dp_size: u3
                         registry.remove(&url);
                     }
                     match registry.add(&url, role, dp_size) {
-                        Ok(_) => tracing::info!(worker = %url, zmq = %hb.zmq_address, role = ?role, "instance registered by discovery"),
+                        Ok(_) => {
+                            tracing::info!(worker = %url, zmq = %hb.zmq_address, role = ?role, "instance registered by discovery")
+                        }
                         Err(e) => tracing::warn!("discovery: cannot register {url}: {e}"),
                     }
                 }
@@ -146,14 +161,29 @@ mod tests {
             http_address: &'a str,
             zmq_address: &'a str,
         }
-        let ok = rmp_serde::to_vec_named(&Hb { kind: "P", http_address: "10.0.0.1:8100", zmq_address: "10.0.0.1:21001" }).unwrap();
+        let ok = rmp_serde::to_vec_named(&Hb {
+            kind: "P",
+            http_address: "10.0.0.1:8100",
+            zmq_address: "10.0.0.1:21001",
+        })
+        .unwrap();
         let (role, hb) = parse(&ok).unwrap();
         assert_eq!(role, Role::Prefill);
         assert_eq!(hb.zmq_address, "10.0.0.1:21001");
         assert!(parse(b"not msgpack").is_err());
-        let bad = rmp_serde::to_vec_named(&Hb { kind: "X", http_address: "a:1", zmq_address: "b:2" }).unwrap();
+        let bad = rmp_serde::to_vec_named(&Hb {
+            kind: "X",
+            http_address: "a:1",
+            zmq_address: "b:2",
+        })
+        .unwrap();
         assert!(parse(&bad).unwrap_err().contains("type"));
-        let bad = rmp_serde::to_vec_named(&Hb { kind: "D", http_address: "nope", zmq_address: "b:2" }).unwrap();
+        let bad = rmp_serde::to_vec_named(&Hb {
+            kind: "D",
+            http_address: "nope",
+            zmq_address: "b:2",
+        })
+        .unwrap();
         assert!(parse(&bad).is_err());
     }
 }

@@ -89,7 +89,10 @@ type ScrapeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
 
 async fn scrape(client: &ScrapeClient, w: &Worker, timeout: Duration) -> Option<EngineSample> {
     let uri: http::Uri = format!("{}/metrics", w.url).parse().ok()?;
-    let resp = tokio::time::timeout(timeout, client.get(uri)).await.ok()?.ok()?;
+    let resp = tokio::time::timeout(timeout, client.get(uri))
+        .await
+        .ok()?
+        .ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -103,10 +106,7 @@ async fn scrape(client: &ScrapeClient, w: &Worker, timeout: Duration) -> Option<
 
 /// Scrape all healthy workers every `interval` until the task is dropped.
 pub async fn run(registry: Arc<Registry>, interval: Duration) {
-    MAX_AGE_MS.store(
-        interval.as_millis() as u64 * 3 + 1000,
-        Ordering::Relaxed,
-    );
+    MAX_AGE_MS.store(interval.as_millis() as u64 * 3 + 1000, Ordering::Relaxed);
     let mut http = HttpConnector::new();
     http.set_nodelay(true);
     http.set_connect_timeout(Some(interval.max(Duration::from_millis(500))));
@@ -156,17 +156,48 @@ vllm:prompt_tokens_total{engine="0",model_name="m"} 1234.0
     #[test]
     fn sums_engines_or_filters_one_rank() {
         let all = parse_vllm_metrics(SAMPLE, None).unwrap();
-        assert_eq!(all, EngineSample { running: 7, waiting: 7, kv_permille: 500 });
+        assert_eq!(
+            all,
+            EngineSample {
+                running: 7,
+                waiting: 7,
+                kv_permille: 500
+            }
+        );
         let r0 = parse_vllm_metrics(SAMPLE, Some(0)).unwrap();
-        assert_eq!(r0, EngineSample { running: 3, waiting: 7, kv_permille: 250 });
+        assert_eq!(
+            r0,
+            EngineSample {
+                running: 3,
+                waiting: 7,
+                kv_permille: 250
+            }
+        );
     }
 
     #[test]
     fn not_vllm_or_garbage_gives_none() {
         assert_eq!(parse_vllm_metrics("http_requests_total 5\n", None), None);
-        assert_eq!(parse_vllm_metrics("vllm:num_requests_waiting{engine=\"0\" NaN\n", None), None);
-        assert_eq!(parse_vllm_metrics("vllm:num_requests_waiting -3\n", None), None);
-        let old = parse_vllm_metrics("vllm:gpu_cache_usage_perc 0.9\nvllm:num_requests_waiting 2\n", None).unwrap();
-        assert_eq!(old, EngineSample { running: 0, waiting: 2, kv_permille: 900 });
+        assert_eq!(
+            parse_vllm_metrics("vllm:num_requests_waiting{engine=\"0\" NaN\n", None),
+            None
+        );
+        assert_eq!(
+            parse_vllm_metrics("vllm:num_requests_waiting -3\n", None),
+            None
+        );
+        let old = parse_vllm_metrics(
+            "vllm:gpu_cache_usage_perc 0.9\nvllm:num_requests_waiting 2\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            old,
+            EngineSample {
+                running: 0,
+                waiting: 2,
+                kv_permille: 900
+            }
+        );
     }
 }

@@ -47,7 +47,11 @@ async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
 
 /// Probe each distinct base URL once, in parallel (data-parallel ranks of one server
 /// share its `/health`), and return one result per worker, in order.
-async fn probe_by_url(client: &ProbeClient, workers: &[Arc<Worker>], cfg: &HealthConfig) -> Vec<bool> {
+async fn probe_by_url(
+    client: &ProbeClient,
+    workers: &[Arc<Worker>],
+    cfg: &HealthConfig,
+) -> Vec<bool> {
     let mut urls: Vec<&Worker> = Vec::new();
     for w in workers {
         if !urls.iter().any(|u| u.url == w.url) {

@@ -5,17 +5,17 @@ use axum::serve::ListenerExt;
 use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vllm_router::admin::{self, Admin};
+use vllm_router::breaker::{BreakerConfig, BreakerShared};
 use vllm_router::config::Args;
 use vllm_router::health::{self, HealthConfig};
 use vllm_router::metrics::Metrics;
-use vllm_router::admin::{self, Admin};
-use vllm_router::breaker::{BreakerConfig, BreakerShared};
-use vllm_router::policy::slots::build_version;
 use vllm_router::pd::Pd;
+use vllm_router::policy::slots::build_version;
 use vllm_router::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, SlotSpec, builtin};
-use vllm_router::watch::PolicyWatcher;
 use vllm_router::proxy::{Proxy, RetryConfig, upstream_client};
 use vllm_router::server::{AppState, app};
+use vllm_router::watch::PolicyWatcher;
 use vllm_router::workers::Registry;
 use vllm_router_sdk::Role;
 
@@ -121,9 +121,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dp = args.intra_node_data_parallel_size;
     let static_workers: Vec<(&String, Role)> = if args.vllm_pd_disaggregation {
         let p = args.prefill.iter().map(|u| (u, Role::Prefill));
-        p.chain(args.decode.iter().map(|u| (u, Role::Decode))).collect()
+        p.chain(args.decode.iter().map(|u| (u, Role::Decode)))
+            .collect()
     } else {
-        args.worker_urls.iter().map(|u| (u, Role::Regular)).collect()
+        args.worker_urls
+            .iter()
+            .map(|u| (u, Role::Regular))
+            .collect()
     };
     for (url, role) in &static_workers {
         registry.add(url, *role, dp).map_err(anyhow::Error::msg)?;
@@ -131,11 +135,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     {
         let m = metrics.clone();
-        let _ = cb.on_transition.set(Box::new(move |worker: &str, (from, to)| {
-            m.cb_transitions
-                .with_label_values(&[worker, from.as_str(), to.as_str()])
-                .inc();
-        }));
+        let _ = cb
+            .on_transition
+            .set(Box::new(move |worker: &str, (from, to)| {
+                m.cb_transitions
+                    .with_label_values(&[worker, from.as_str(), to.as_str()])
+                    .inc();
+            }));
     }
     engine.set_quarantine(
         args.policy_quarantine_faults,
@@ -151,13 +157,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(slot = %name, policy = %v.label, source = %v.source, weight, shadow, "policy loaded");
         metrics.set_policy_info(name, None, &v);
         if !shadow {
-            metrics.slot_weight.with_label_values(&[name]).set(weight as i64);
+            metrics
+                .slot_weight
+                .with_label_values(&[name])
+                .set(weight as i64);
         }
-        anyhow::Ok(Arc::new(PolicySlot::new(name, role, spec, v, weight, shadow)))
+        anyhow::Ok(Arc::new(PolicySlot::new(
+            name, role, spec, v, weight, shadow,
+        )))
     };
     let mut slot_list = Vec::new();
     for d in defs {
-        slot_list.push(load_slot(&d.name, Role::Regular, d.spec, d.weight, d.shadow)?);
+        slot_list.push(load_slot(
+            &d.name,
+            Role::Regular,
+            d.spec,
+            d.weight,
+            d.shadow,
+        )?);
     }
     let slots = Arc::new(PolicySlots::new(slot_list, sticky));
     let pd = if args.vllm_pd_disaggregation {
@@ -193,7 +210,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "no worker became healthy within {}s (--worker-startup-timeout-secs); checked {}",
                     args.worker_startup_timeout_secs,
-                    static_workers.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>().join(", ")
+                    static_workers
+                        .iter()
+                        .map(|(u, _)| u.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             tokio::time::sleep(Duration::from_secs(args.worker_startup_check_interval)).await;
@@ -231,7 +252,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             registry.clone(),
             metrics.clone(),
         )?;
-        let pd_slots = pd.iter().flat_map(|pd| [pd.prefill.clone(), pd.decode.clone()]);
+        let pd_slots = pd
+            .iter()
+            .flat_map(|pd| [pd.prefill.clone(), pd.decode.clone()]);
         for s in slots.all().iter().cloned().chain(pd_slots) {
             if let Some(f) = s.file() {
                 w.watch(&f)?;
@@ -352,7 +375,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             // In-flight requests and streams get the grace period, then we exit anyway.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
-                tracing::warn!("grace period ({grace:?}) over with requests still in flight; exiting");
+                tracing::warn!(
+                    "grace period ({grace:?}) over with requests still in flight; exiting"
+                );
                 std::process::exit(0);
             });
         })

@@ -269,9 +269,9 @@ impl Metrics {
         new: &crate::policy::PolicyVersion,
     ) {
         if let Some(o) = old {
-            let _ = self
-                .policy_info
-                .remove_label_values(&[slot, &o.name, &o.sha256[..12], &o.source]);
+            let _ =
+                self.policy_info
+                    .remove_label_values(&[slot, &o.name, &o.sha256[..12], &o.source]);
         }
         self.policy_info
             .with_label_values(&[slot, &new.name, &new.sha256[..12], &new.source])

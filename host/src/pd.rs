@@ -47,7 +47,10 @@ pub struct Pd {
 
 /// Routes that take the two-stage flow.
 pub fn is_generation(path: &str) -> bool {
-    matches!(path, "/v1/completions" | "/v1/chat/completions" | "/v1/responses")
+    matches!(
+        path,
+        "/v1/completions" | "/v1/chat/completions" | "/v1/responses"
+    )
 }
 
 impl Pd {
@@ -98,7 +101,10 @@ pub fn prefill_body(body: &[u8]) -> Result<Bytes, String> {
 /// The decode body: the client's bytes, plus `"kv_transfer_params": <raw>` when the
 /// prefill returned one. Spliced before the closing brace (the client's bytes are kept)
 /// unless the client sent its own `kv_transfer_params`, which is then replaced.
-pub fn decode_body(body: &Bytes, kv: Option<&serde_json::value::RawValue>) -> Result<Bytes, String> {
+pub fn decode_body(
+    body: &Bytes,
+    kv: Option<&serde_json::value::RawValue>,
+) -> Result<Bytes, String> {
     let Some(kv) = kv else {
         return Ok(body.clone());
     };
@@ -110,7 +116,9 @@ pub fn decode_body(body: &Bytes, kv: Option<&serde_json::value::RawValue>) -> Re
             "kv_transfer_params".into(),
             serde_json::from_str(kv.get()).map_err(|e| e.to_string())?,
         );
-        return serde_json::to_vec(&v).map(Bytes::from).map_err(|e| e.to_string());
+        return serde_json::to_vec(&v)
+            .map(Bytes::from)
+            .map_err(|e| e.to_string());
     }
     let end = body
         .iter()
@@ -157,8 +165,18 @@ impl Proxy {
         let set = self.registry.snapshot();
         // Decode first: its address goes into the id the prefill must see.
         let dcands = policy::candidates(&set, Role::Decode, &[]);
-        let Some(decode) = policy::choose(&pd.decode, &req, Stage::Decode, &set, &dcands, &self.metrics) else {
-            return fail(ApiError::no_workers("no healthy decode workers available"), &req.request_id);
+        let Some(decode) = policy::choose(
+            &pd.decode,
+            &req,
+            Stage::Decode,
+            &set,
+            &dcands,
+            &self.metrics,
+        ) else {
+            return fail(
+                ApiError::no_workers("no healthy decode workers available"),
+                &req.request_id,
+            );
         };
         let prefill_body = match prefill_body(&req.body) {
             Ok(b) => b,
@@ -174,12 +192,21 @@ impl Proxy {
         while attempt < self.retry.attempts {
             let set = self.registry.snapshot();
             let pcands = policy::candidates(&set, Role::Prefill, &tried);
-            let Some(choice) = policy::choose(&pd.prefill, &req, Stage::Prefill, &set, &pcands, &self.metrics) else {
+            let Some(choice) = policy::choose(
+                &pd.prefill,
+                &req,
+                Stage::Prefill,
+                &set,
+                &pcands,
+                &self.metrics,
+            ) else {
                 break;
             };
             let w = choice.worker.clone();
             tried.push(w.id);
-            let Some(ticket) = w.breaker_admit() else { continue };
+            let Some(ticket) = w.breaker_admit() else {
+                continue;
+            };
             if attempt > 0 {
                 self.metrics.retries.with_label_values(&[route]).inc();
                 tokio::time::sleep(self.retry.backoff(attempt - 1)).await;
@@ -188,14 +215,27 @@ impl Proxy {
             request_id = pd_request_id(&pd.address_of(&w), &pd.address_of(&decode.worker));
             let guard = w.start_request();
             let t0 = Instant::now();
-            let r = self.send_with(&req, &w, prefill_body.clone(), &request_id).await;
+            let r = self
+                .send_with(&req, &w, prefill_body.clone(), &request_id)
+                .await;
             let outcome = match r {
                 Ok(resp) => {
                     let status = resp.status();
                     match resp.into_body().collect().await {
                         Ok(b) if status.is_success() => Ok(b.to_bytes()),
-                        Ok(b) => Err((status, String::from_utf8_lossy(&b.to_bytes()).chars().take(500).collect::<String>(), false)),
-                        Err(e) => Err((StatusCode::BAD_GATEWAY, format!("prefill response broke: {e}"), false)),
+                        Ok(b) => Err((
+                            status,
+                            String::from_utf8_lossy(&b.to_bytes())
+                                .chars()
+                                .take(500)
+                                .collect::<String>(),
+                            false,
+                        )),
+                        Err(e) => Err((
+                            StatusCode::BAD_GATEWAY,
+                            format!("prefill response broke: {e}"),
+                            false,
+                        )),
                     }
                 }
                 Err(e) => Err((StatusCode::BAD_GATEWAY, e.to_string(), e.is_connect())),
@@ -209,7 +249,10 @@ impl Proxy {
                 Ok(body) => {
                     ticket.record(true);
                     w.record_success(1);
-                    self.metrics.pd_stage_requests.with_label_values(&["prefill", "200"]).inc();
+                    self.metrics
+                        .pd_stage_requests
+                        .with_label_values(&["prefill", "200"])
+                        .inc();
                     kv = Some(body);
                     prefill_ok = true;
                     break;
@@ -219,7 +262,10 @@ impl Proxy {
                     if status.is_server_error() {
                         w.record_failure(hard, self.failure_threshold);
                     }
-                    self.metrics.pd_stage_requests.with_label_values(&["prefill", status.as_str()]).inc();
+                    self.metrics
+                        .pd_stage_requests
+                        .with_label_values(&["prefill", status.as_str()])
+                        .inc();
                     tracing::debug!(worker = %w.name(), %status, "prefill failed: {msg}");
                     last_err = Some((status, msg));
                     if !is_retryable(status) {
@@ -232,13 +278,20 @@ impl Proxy {
             let e = match last_err {
                 None => ApiError::no_workers("no healthy prefill workers available"),
                 Some((status, msg)) if !is_retryable(status) && status.is_client_error() => {
-                    ApiError::new(status, "invalid_request_error", "prefill_rejected", format!("prefill worker refused the request: {msg}"))
+                    ApiError::new(
+                        status,
+                        "invalid_request_error",
+                        "prefill_rejected",
+                        format!("prefill worker refused the request: {msg}"),
+                    )
                 }
                 Some((status, msg)) => ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_error",
                     "prefill_failed",
-                    format!("prefill failed after {attempt} attempt(s) (last status {status}): {msg}"),
+                    format!(
+                        "prefill failed after {attempt} attempt(s) (last status {status}): {msg}"
+                    ),
                 ),
             };
             return fail(e, &request_id);
@@ -255,14 +308,20 @@ impl Proxy {
         // Decode: one attempt on the chosen worker, streamed to the client.
         let dw = decode.worker.clone();
         let Some(ticket) = dw.breaker_admit() else {
-            return fail(ApiError::no_workers("decode worker's circuit breaker is open"), &request_id);
+            return fail(
+                ApiError::no_workers("decode worker's circuit breaker is open"),
+                &request_id,
+            );
         };
         let guard = dw.start_request();
         let sent = Instant::now();
         match self.send_with(&req, &dw, body, &request_id).await {
             Ok(resp) => {
                 let status = resp.status();
-                self.metrics.pd_stage_requests.with_label_values(&["decode", status.as_str()]).inc();
+                self.metrics
+                    .pd_stage_requests
+                    .with_label_values(&["decode", status.as_str()])
+                    .inc();
                 let ticket = if status.is_server_error() {
                     ticket.record(false);
                     None
@@ -270,14 +329,19 @@ impl Proxy {
                     Some(ticket)
                 };
                 let _ = prefill_started;
-                let mut out = self.respond(req, resp, decode, guard, ticket, admission, started, sent, true);
+                let mut out = self.respond(
+                    req, resp, decode, guard, ticket, admission, started, sent, true,
+                );
                 set_request_id(out.headers_mut(), &request_id);
                 out
             }
             Err(e) => {
                 ticket.record(false);
                 dw.record_failure(false, self.failure_threshold);
-                self.metrics.pd_stage_requests.with_label_values(&["decode", "502"]).inc();
+                self.metrics
+                    .pd_stage_requests
+                    .with_label_values(&["decode", "502"])
+                    .inc();
                 let e = ApiError::new(
                     StatusCode::BAD_GATEWAY,
                     "upstream_error",
@@ -307,15 +371,23 @@ mod tests {
         assert_eq!(v["min_tokens"], 1);
         assert_eq!(v["stream"], false);
         assert!(v.get("stream_options").is_none());
-        assert_eq!(v["kv_transfer_params"], json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null}));
-        let v: Value = serde_json::from_slice(&prefill_body(br#"{"model":"m","prompt":"x"}"#).unwrap()).unwrap();
+        assert_eq!(
+            v["kv_transfer_params"],
+            json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null})
+        );
+        let v: Value =
+            serde_json::from_slice(&prefill_body(br#"{"model":"m","prompt":"x"}"#).unwrap())
+                .unwrap();
         assert!(v.get("max_completion_tokens").is_none() && v.get("min_tokens").is_none());
     }
 
     #[test]
     fn decode_body_keeps_client_bytes_and_adds_the_handoff() {
         let body = Bytes::from_static(br#"{"model":"m",  "prompt":"x" }"#);
-        let kv = serde_json::value::RawValue::from_string(r#"{"remote_engine_id":"e1","remote_block_ids":[1,2]}"#.into()).unwrap();
+        let kv = serde_json::value::RawValue::from_string(
+            r#"{"remote_engine_id":"e1","remote_block_ids":[1,2]}"#.into(),
+        )
+        .unwrap();
         let out = decode_body(&body, Some(&kv)).unwrap();
         assert_eq!(&out[..], &br#"{"model":"m",  "prompt":"x" ,"kv_transfer_params":{"remote_engine_id":"e1","remote_block_ids":[1,2]}}"#[..]);
         assert_eq!(decode_body(&body, None).unwrap(), body);
@@ -330,7 +402,10 @@ mod tests {
     fn request_id_has_the_p2p_nccl_shape() {
         let id = pd_request_id("10.0.0.1:21001", "10.0.0.2:22001");
         let (head, uuid) = id.rsplit_once('_').unwrap();
-        assert_eq!(head, "___prefill_addr_10.0.0.1:21001___decode_addr_10.0.0.2:22001");
+        assert_eq!(
+            head,
+            "___prefill_addr_10.0.0.1:21001___decode_addr_10.0.0.2:22001"
+        );
         assert_eq!(uuid.len(), 32);
         assert!(uuid.chars().all(|c| c.is_ascii_hexdigit()));
     }

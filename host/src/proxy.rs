@@ -324,7 +324,9 @@ impl Proxy {
                         .worker_requests
                         .with_label_values(&[&worker.url, arm_label])
                         .inc();
-                    return self.respond(req, resp, choice, guard, ticket, admission, started, sent, false);
+                    return self.respond(
+                        req, resp, choice, guard, ticket, admission, started, sent, false,
+                    );
                 }
                 Err(err) => {
                     drop(guard);

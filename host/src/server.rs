@@ -80,7 +80,8 @@ impl Admission {
                 ),
             ));
         }
-        let r = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
+        let r =
+            tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
         self.waiting.fetch_sub(1, Ordering::AcqRel);
         match r {
             Ok(Ok(p)) => Ok(p),
@@ -358,7 +359,10 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     } else {
         None
     };
-    if let (Some(pd), true) = (&st.proxy.pd, generation && crate::pd::is_generation(&info.path)) {
+    if let (Some(pd), true) = (
+        &st.proxy.pd,
+        generation && crate::pd::is_generation(&info.path),
+    ) {
         return st.proxy.forward_pd(pd, Arc::new(info), permit).await;
     }
     st.proxy.forward(Arc::new(info), sel, permit).await

@@ -99,8 +99,10 @@ impl Worker {
     /// Store an engine-load sample (`vllm:num_requests_running`, `..._waiting`, KV-cache
     /// use in per-mille), taken now.
     pub fn set_engine_load(&self, load: &vllm_router_sdk::EngineLoad) {
-        self.engine_packed
-            .store(vllm_router_sdk::wire::pack_engine(Some(load)), Ordering::Relaxed);
+        self.engine_packed.store(
+            vllm_router_sdk::wire::pack_engine(Some(load)),
+            Ordering::Relaxed,
+        );
         self.engine_at_ms
             .store(crate::util::uptime_ms(), Ordering::Relaxed);
     }
@@ -117,9 +119,15 @@ impl Worker {
     fn report(&self, t: Option<Transition>) {
         if let Some(t) = t {
             match t.1 {
-                BreakerState::Open => tracing::warn!(worker = %self.name(), from = t.0.as_str(), "circuit breaker opened: no traffic for {:?}", self.cb.cfg.open_for),
-                BreakerState::HalfOpen => tracing::info!(worker = %self.name(), "circuit breaker half-open: probing with up to {} request(s)", self.cb.cfg.half_open_max),
-                BreakerState::Closed => tracing::info!(worker = %self.name(), "circuit breaker closed: worker back in rotation"),
+                BreakerState::Open => {
+                    tracing::warn!(worker = %self.name(), from = t.0.as_str(), "circuit breaker opened: no traffic for {:?}", self.cb.cfg.open_for)
+                }
+                BreakerState::HalfOpen => {
+                    tracing::info!(worker = %self.name(), "circuit breaker half-open: probing with up to {} request(s)", self.cb.cfg.half_open_max)
+                }
+                BreakerState::Closed => {
+                    tracing::info!(worker = %self.name(), "circuit breaker closed: worker back in rotation")
+                }
             }
             if let Some(hook) = self.cb.on_transition.get() {
                 hook(&self.name(), t);
@@ -307,7 +315,13 @@ impl Registry {
                 continue;
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            workers.push(Arc::new(Worker::with_breaker(id, url, role, rank, self.cb.clone())?));
+            workers.push(Arc::new(Worker::with_breaker(
+                id,
+                url,
+                role,
+                rank,
+                self.cb.clone(),
+            )?));
             ids.push(id);
         }
         self.publish(workers);

@@ -141,14 +141,36 @@ pub mod wire {
 
         #[test]
         fn round_trip() {
-            let e = EngineLoad { running: 7, waiting: 0xFF_FFFF, kv_cache_permille: 999 };
-            let c = Candidate { id: 42, in_flight: u32::MAX, engine: Some(e) };
-            assert_eq!(unpack_candidate(pack_candidate(&c), pack_engine(Some(&e))), c);
-            let c = Candidate { id: 1, in_flight: 0, engine: None };
+            let e = EngineLoad {
+                running: 7,
+                waiting: 0xFF_FFFF,
+                kv_cache_permille: 999,
+            };
+            let c = Candidate {
+                id: 42,
+                in_flight: u32::MAX,
+                engine: Some(e),
+            };
+            assert_eq!(
+                unpack_candidate(pack_candidate(&c), pack_engine(Some(&e))),
+                c
+            );
+            let c = Candidate {
+                id: 1,
+                in_flight: 0,
+                engine: None,
+            };
             assert_eq!(unpack_candidate(pack_candidate(&c), pack_engine(None)), c);
-            let big = EngineLoad { running: u32::MAX, waiting: 3, kv_cache_permille: 5000 };
+            let big = EngineLoad {
+                running: u32::MAX,
+                waiting: 3,
+                kv_cache_permille: 5000,
+            };
             let back = unpack_engine(pack_engine(Some(&big))).unwrap();
-            assert_eq!((back.running, back.waiting, back.kv_cache_permille), (0xFF_FFFF, 3, 1000));
+            assert_eq!(
+                (back.running, back.waiting, back.kv_cache_permille),
+                (0xFF_FFFF, 3, 1000)
+            );
         }
     }
 }

@@ -243,7 +243,8 @@ pub const SESSION_KEY_HEADERS: &[&str] = &[
 ];
 
 /// JSON body fields that carry a session key, checked after [`SESSION_KEY_HEADERS`].
-pub const SESSION_KEY_FIELDS: &[&str] = &["session_params.session_id", "user", "session_id", "user_id"];
+pub const SESSION_KEY_FIELDS: &[&str] =
+    &["session_params.session_id", "user", "session_id", "user_id"];
 
 /// 64-bit hash of `bytes`: eight bytes per step (xor, multiply by the 64-bit golden
 /// ratio, rotate), then MurmurHash3's `fmix64` finaliser over the state and the length.
@@ -267,4 +268,3 @@ pub fn stable_hash64(bytes: &[u8]) -> u64 {
     h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     h ^ (h >> 33)
 }
-

@@ -13,7 +13,14 @@ use vllm_router_tests::*;
 
 fn sim_on(port: u16) -> std::process::Child {
     Command::new(bin("vllm-sim"))
-        .args(["--port", &port.to_string(), "--worker-id", "w1", "--record", "false"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--worker-id",
+            "w1",
+            "--record",
+            "false",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("spawn vllm-sim")
@@ -27,20 +34,45 @@ async fn main() {
     let mut w1 = sim_on(p1);
     std::thread::sleep(Duration::from_millis(300));
     let workers = vec![w0.url(), format!("http://127.0.0.1:{p1}"), w2.url()];
-    let router = start_router(&workers, &["--health-check-interval-secs", "1", "--policy", "round_robin"]);
+    let router = start_router(
+        &workers,
+        &[
+            "--health-check-interval-secs",
+            "1",
+            "--policy",
+            "round_robin",
+        ],
+    );
     let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed, on_w1) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (sent, failed, on_w1) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let mut tasks = Vec::new();
     for _ in 0..8 {
-        let (stop, sent, failed, on_w1, url) = (stop.clone(), sent.clone(), failed.clone(), on_w1.clone(), router.url());
+        let (stop, sent, failed, on_w1, url) = (
+            stop.clone(),
+            sent.clone(),
+            failed.clone(),
+            on_w1.clone(),
+            router.url(),
+        );
         tasks.push(tokio::spawn(async move {
             let c = client();
             while !stop.load(Ordering::Relaxed) {
-                let r = c.post(format!("{url}/v1/chat/completions")).json(&chat_body("load", false)).send().await;
+                let r = c
+                    .post(format!("{url}/v1/chat/completions"))
+                    .json(&chat_body("load", false))
+                    .send()
+                    .await;
                 sent.fetch_add(1, Ordering::Relaxed);
                 match r {
                     Ok(r) if r.status() == 200 => {
-                        if r.headers().get("x-vllm-sim-worker").is_some_and(|v| v == "w1") {
+                        if r.headers()
+                            .get("x-vllm-sim-worker")
+                            .is_some_and(|v| v == "w1")
+                        {
                             on_w1.fetch_add(1, Ordering::Relaxed);
                         }
                     }
@@ -62,7 +94,11 @@ async fn main() {
             let _ = w1.kill();
             let _ = w1.wait();
             killed = true;
-            eprintln!("[{:4.1}s] killed w1 ({} requests so far)", t.as_secs_f64(), sent.load(Ordering::Relaxed));
+            eprintln!(
+                "[{:4.1}s] killed w1 ({} requests so far)",
+                t.as_secs_f64(),
+                sent.load(Ordering::Relaxed)
+            );
         }
         if killed && restarted_at.is_none() && t >= Duration::from_millis(3500) {
             w1 = sim_on(p1);
@@ -91,6 +127,8 @@ async fn main() {
         sent.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed),
         retried,
-        back_after.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or_else(|| "never".into())
+        back_after
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "never".into())
     );
 }

@@ -102,14 +102,22 @@ impl Request for Native {
 fn fleet(n: usize) -> (Arc<WorkerSet>, Vec<Candidate>, Vec<vllm_router_sdk::Worker>) {
     let reg = Registry::default();
     for i in 0..n {
-        reg.add(&format!("http://10.0.{}.{}:8000", i / 250, i % 250), Role::Regular, 1)
-            .unwrap();
+        reg.add(
+            &format!("http://10.0.{}.{}:8000", i / 250, i % 250),
+            Role::Regular,
+            1,
+        )
+        .unwrap();
     }
     let set = reg.snapshot();
     let cands = set
         .workers
         .iter()
-        .map(|w| Candidate { id: w.id, in_flight: (w.id % 3), engine: None })
+        .map(|w| Candidate {
+            id: w.id,
+            in_flight: (w.id % 3),
+            engine: None,
+        })
         .collect();
     let workers = set
         .workers
@@ -132,12 +140,23 @@ fn native_cands(c: &[Candidate]) -> Vec<vllm_router_sdk::Candidate> {
 fn text_of(kib: usize, salt: usize) -> String {
     // A half-length shared header, then a distinct tail: few-shot style.
     let half = kib * 512;
-    let header: String = "shared few-shot header line. ".chars().cycle().take(half).collect();
-    let tail: String = format!("question {salt}: ").chars().chain("tail words ".chars().cycle()).take(half).collect();
+    let header: String = "shared few-shot header line. "
+        .chars()
+        .cycle()
+        .take(half)
+        .collect();
+    let tail: String = format!("question {salt}: ")
+        .chars()
+        .chain("tail words ".chars().cycle())
+        .take(half)
+        .collect();
     header + &tail
 }
 
-fn native_policy(name: &str, workers: &[vllm_router_sdk::Worker]) -> Box<dyn FnMut(&Native, &[vllm_router_sdk::Candidate])> {
+fn native_policy(
+    name: &str,
+    workers: &[vllm_router_sdk::Worker],
+) -> Box<dyn FnMut(&Native, &[vllm_router_sdk::Candidate])> {
     macro_rules! mk {
         ($t:ty) => {{
             let mut p = <$t>::new("{}").unwrap();
@@ -181,7 +200,11 @@ fn main() {
             for &kib in texts {
                 done += 1;
                 eprint!("\r[{done}/{total}] {name} workers={n} text={kib}KiB        ");
-                let text = if kib == 0 { "hello there".to_string() } else { text_of(kib, 0) };
+                let text = if kib == 0 {
+                    "hello there".to_string()
+                } else {
+                    text_of(kib, 0)
+                };
                 let version = engine.load(b.name, "bench", b.wasm, "{}").unwrap();
                 let mut native = native_policy(name, &workers);
                 // Warm the tree (cache_aware) with 200 prompts sharing the header.
@@ -197,18 +220,37 @@ fn main() {
                 let nreq = Native { text: text.clone() };
                 version.select(&req, Stage::Regular, &set, &cands).unwrap();
                 let wasm = time_us(|| {
-                    black_box(version.select(&req, Stage::Regular, &set, black_box(&cands)).unwrap());
+                    black_box(
+                        version
+                            .select(&req, Stage::Regular, &set, black_box(&cands))
+                            .unwrap(),
+                    );
                 });
                 let nat = time_us(|| native(&nreq, black_box(&ncands)));
-                let label = if kib == 0 { "-".to_string() } else { format!("{kib} KiB") };
+                let label = if kib == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{kib} KiB")
+                };
                 rows.push((name.to_string(), n, label, wasm, nat));
             }
         }
     }
     eprintln!();
     println!("\nPolicy decision cost, µs per decision (median of 15 batches)");
-    println!("{:<16} {:>7} {:>8} {:>10} {:>10} {:>8}", "policy", "workers", "text", "wasm µs", "native µs", "ratio");
+    println!(
+        "{:<16} {:>7} {:>8} {:>10} {:>10} {:>8}",
+        "policy", "workers", "text", "wasm µs", "native µs", "ratio"
+    );
     for (name, n, label, w, nat) in &rows {
-        println!("{:<16} {:>7} {:>8} {:>10.2} {:>10.2} {:>7.1}x", name, n, label, w, nat, w / nat.max(1e-3));
+        println!(
+            "{:<16} {:>7} {:>8} {:>10.2} {:>10.2} {:>7.1}x",
+            name,
+            n,
+            label,
+            w,
+            nat,
+            w / nat.max(1e-3)
+        );
     }
 }

@@ -44,8 +44,8 @@ impl Rng {
     }
     fn words(&mut self, chars: usize) -> String {
         const W: &[&str] = &[
-            "model", "cache", "token", "prefill", "decode", "worker", "router", "batch",
-            "latency", "request", "memory", "kernel", "tensor", "stream", "policy", "vector",
+            "model", "cache", "token", "prefill", "decode", "worker", "router", "batch", "latency",
+            "request", "memory", "kernel", "tensor", "stream", "policy", "vector",
         ];
         let mut s = String::new();
         while s.len() < chars {
@@ -75,15 +75,22 @@ fn workload() -> Vec<Job> {
             turns.push(json!({"model": "sim-model", "messages": msgs.clone(), "max_tokens": 2}));
             msgs.push(json!({"role": "assistant", "content": rng.words(300)}));
         }
-        jobs.push(Job::Chat { session: format!("chat-{s}"), turns });
+        jobs.push(Job::Chat {
+            session: format!("chat-{s}"),
+            turns,
+        });
     }
     let headers: Vec<String> = (0..8).map(|_| rng.words(1500)).collect();
     for i in 0..240 {
         let prompt = format!("{}\nQ: {}\nA:", headers[i % 8], rng.words(100));
-        jobs.push(Job::Single(json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2})));
+        jobs.push(Job::Single(
+            json!({"model": "sim-model", "prompt": prompt, "max_tokens": 2}),
+        ));
     }
     for _ in 0..120 {
-        jobs.push(Job::Single(json!({"model": "sim-model", "prompt": rng.words(800), "max_tokens": 2})));
+        jobs.push(Job::Single(
+            json!({"model": "sim-model", "prompt": rng.words(800), "max_tokens": 2}),
+        ));
     }
     // Shuffle (Fisher–Yates) so the three kinds interleave.
     for i in (1..jobs.len()).rev() {
@@ -102,8 +109,18 @@ struct Tally {
     per_worker: HashMap<String, u64>,
 }
 
-async fn send(c: &reqwest::Client, url: &str, session: Option<&str>, body: &Value, t: &Mutex<Tally>) {
-    let path = if body.get("messages").is_some() { "/v1/chat/completions" } else { "/v1/completions" };
+async fn send(
+    c: &reqwest::Client,
+    url: &str,
+    session: Option<&str>,
+    body: &Value,
+    t: &Mutex<Tally>,
+) {
+    let path = if body.get("messages").is_some() {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
     let mut rb = c.post(format!("{url}{path}")).json(body);
     if let Some(s) = session {
         rb = rb.header("x-session-id", s);
@@ -120,11 +137,20 @@ async fn send(c: &reqwest::Client, url: &str, session: Option<&str>, body: &Valu
         return;
     }
     let h = |n: &str| -> u64 {
-        r.headers().get(n).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0)
+        r.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     t.prompt_tokens += h("x-sim-prompt-tokens");
     t.cached_tokens += h("x-sim-cached-tokens");
-    let w = r.headers().get("x-vllm-sim-worker").and_then(|v| v.to_str().ok()).unwrap_or("?").to_string();
+    let w = r
+        .headers()
+        .get("x-vllm-sim-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
     *t.per_worker.entry(w).or_default() += 1;
 }
 
@@ -134,9 +160,19 @@ async fn run_policy(spec: &str) -> (Tally, f64) {
     let prefill = PREFILL_US_PER_TOKEN.to_string();
     let sims = start_sims(
         WORKERS,
-        &["--cache-blocks", "384", "--prefill-us-per-token", &prefill, "--record", "false"],
+        &[
+            "--cache-blocks",
+            "384",
+            "--prefill-us-per-token",
+            &prefill,
+            "--record",
+            "false",
+        ],
     );
-    let router = start_router(&urls(&sims), &["--policy", policy, "--policy-config", config]);
+    let router = start_router(
+        &urls(&sims),
+        &["--policy", policy, "--policy-config", config],
+    );
     let url = router.url();
     let jobs = Arc::new(std::sync::Mutex::new(workload().into_iter()));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -175,11 +211,20 @@ async fn run_policy(spec: &str) -> (Tally, f64) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // Arguments (after `--`) replace the policy list: `NAME` or `NAME:{json config}`.
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let policies: Vec<String> = if args.is_empty() {
-        ["round_robin", "random", "power_of_two", "consistent_hash", "cache_aware"]
-            .map(String::from)
-            .to_vec()
+        [
+            "round_robin",
+            "random",
+            "power_of_two",
+            "consistent_hash",
+            "cache_aware",
+        ]
+        .map(String::from)
+        .to_vec()
     } else {
         args
     };
@@ -187,28 +232,48 @@ async fn main() {
     for (i, p) in policies.iter().enumerate() {
         eprintln!("[{}/{}] {p} ...", i + 1, policies.len());
         let (t, secs) = run_policy(p).await;
-        eprintln!("    {} requests ({} failed) in {secs:.1} s", t.requests, t.failed);
+        eprintln!(
+            "    {} requests ({} failed) in {secs:.1} s",
+            t.requests, t.failed
+        );
         rows.push((p.to_string(), t, secs));
     }
     let requests = rows.first().map(|r| r.1.requests).unwrap_or(0);
-    println!("\nRouting quality over {WORKERS} simulated workers, concurrency {CONCURRENCY}, {requests} requests");
+    println!(
+        "\nRouting quality over {WORKERS} simulated workers, concurrency {CONCURRENCY}, {requests} requests"
+    );
     println!(
         "{:<16} {:>9} {:>12} {:>14} {:>18} {:>7}",
         "policy", "hit rate", "max/min load", "per-worker", "mean prefill (ms)", "failed"
     );
     for (p, t, _) in &rows {
-        let mut counts: Vec<u64> = (0..WORKERS).map(|i| *t.per_worker.get(&format!("w{i}")).unwrap_or(&0)).collect();
+        let mut counts: Vec<u64> = (0..WORKERS)
+            .map(|i| *t.per_worker.get(&format!("w{i}")).unwrap_or(&0))
+            .collect();
         let hit = t.cached_tokens as f64 / t.prompt_tokens.max(1) as f64;
         let (mx, mn) = (*counts.iter().max().unwrap(), *counts.iter().min().unwrap());
-        let ratio = if mn == 0 { f64::INFINITY } else { mx as f64 / mn as f64 };
+        let ratio = if mn == 0 {
+            f64::INFINITY
+        } else {
+            mx as f64 / mn as f64
+        };
         let prefill_ms = (t.prompt_tokens - t.cached_tokens) as f64 * PREFILL_US_PER_TOKEN as f64
             / 1000.0
             / t.requests.max(1) as f64;
         counts.sort_unstable();
-        let spread = counts.iter().map(u64::to_string).collect::<Vec<_>>().join("/");
+        let spread = counts
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join("/");
         println!(
             "{:<16} {:>8.1}% {:>12.2} {:>14} {:>18.2} {:>7}",
-            p, hit * 100.0, ratio, spread, prefill_ms, t.failed
+            p,
+            hit * 100.0,
+            ratio,
+            spread,
+            prefill_ms,
+            t.failed
         );
     }
 }

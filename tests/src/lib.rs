@@ -179,7 +179,9 @@ pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
 /// `test_policy_pick_last`, `test_policy_hostile`, `other_world`, or a built-in
 /// `policy_*`.
 pub fn policy_wasm(stem: &str) -> PathBuf {
-    let p = workspace_root().join(format!("target/policy-wasm/wasm32-wasip2/policy/{stem}.wasm"));
+    let p = workspace_root().join(format!(
+        "target/policy-wasm/wasm32-wasip2/policy/{stem}.wasm"
+    ));
     assert!(
         p.exists(),
         "{} missing: build it with tests/run.sh (cargo build --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm -p ...)",
@@ -284,4 +286,3 @@ pub async fn sim_requests(sim: &Proc) -> Vec<serde_json::Value> {
         .await
         .unwrap()
 }
-

@@ -47,7 +47,13 @@ fn install(src: &[u8], dst: &Path, by_rename: bool) {
 fn ab_router(sims: &[Proc], extra: &[&str]) -> Proc {
     let first = policy_wasm("test_policy_pick_first");
     let last = policy_wasm("test_policy_pick_last");
-    let mut args = vec!["--policy-wasm", first.to_str().unwrap(), "--ab-policy-wasm", last.to_str().unwrap(), "--no-watch"];
+    let mut args = vec![
+        "--policy-wasm",
+        first.to_str().unwrap(),
+        "--ab-policy-wasm",
+        last.to_str().unwrap(),
+        "--no-watch",
+    ];
     args.extend_from_slice(extra);
     start_router(&urls(sims), &args)
 }
@@ -72,9 +78,20 @@ async fn hot_swap_under_load_never_fails_a_request_and_keeps_the_last_good_versi
     let last = std::fs::read(policy_wasm("test_policy_pick_last")).unwrap();
     let broken: Vec<(&str, Vec<u8>)> = vec![
         ("truncated", first[..first.len() / 2].to_vec()),
-        ("random bytes", (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect()),
-        ("other world", std::fs::read(policy_wasm("other_world")).unwrap()),
-        ("init fails", std::fs::read(policy_wasm("test_policy_hostile")).unwrap()),
+        (
+            "random bytes",
+            (0..4096u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect(),
+        ),
+        (
+            "other world",
+            std::fs::read(policy_wasm("other_world")).unwrap(),
+        ),
+        (
+            "init fails",
+            std::fs::read(policy_wasm("test_policy_hostile")).unwrap(),
+        ),
         ("empty", Vec::new()),
     ];
     std::fs::write(&policy, &first).unwrap();
@@ -139,19 +156,33 @@ async fn hot_swap_under_load_never_fails_a_request_and_keeps_the_last_good_versi
                 if lr["result"] == "error" {
                     break;
                 }
-                assert!(Instant::now() < deadline, "broken file ({what}) not reported: {a}");
+                assert!(
+                    Instant::now() < deadline,
+                    "broken file ({what}) not reported: {a}"
+                );
                 let _ = &before;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             for _ in 0..3 {
-                assert_eq!(probe_worker(&c, &router).await, serving, "after broken file ({what})");
+                assert_eq!(
+                    probe_worker(&c, &router).await,
+                    serving,
+                    "after broken file ({what})"
+                );
             }
         }
-        let (bytes, expect) = if serving == "w0" { (&last, "w1") } else { (&first, "w0") };
+        let (bytes, expect) = if serving == "w0" {
+            (&last, "w1")
+        } else {
+            (&first, "w0")
+        };
         install(bytes, &policy, i % 2 == 0);
         let deadline = Instant::now() + Duration::from_secs(5);
         while probe_worker(&c, &router).await != expect {
-            assert!(Instant::now() < deadline, "swap {i} to {expect} not seen within 5 s");
+            assert!(
+                Instant::now() < deadline,
+                "swap {i} to {expect} not seen within 5 s"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         serving = expect;
@@ -162,10 +193,25 @@ async fn hot_swap_under_load_never_fails_a_request_and_keeps_the_last_good_versi
     }
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(sent > 100, "load generator sent only {sent}");
-    assert_eq!(failed, 0, "{failed} of {sent} client requests failed during hot swaps");
+    assert_eq!(
+        failed, 0,
+        "{failed} of {sent} client requests failed during hot swaps"
+    );
     let m = router_metrics(&router).await;
-    assert!(metric_sum(&m, "vllm_router_policy_reloads_total", &["result=\"loaded\""]) >= 100.0);
-    assert!(metric_sum(&m, "vllm_router_policy_reloads_total", &["result=\"error\""]) >= 10.0);
+    assert!(
+        metric_sum(
+            &m,
+            "vllm_router_policy_reloads_total",
+            &["result=\"loaded\""]
+        ) >= 100.0
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "vllm_router_policy_reloads_total",
+            &["result=\"error\""]
+        ) >= 10.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,9 +226,16 @@ async fn ab_split_follows_the_weights_and_is_labelled_per_arm() {
     }
     let b = *count.get("w1").unwrap_or(&0) as f64 / n as f64;
     // Binomial sd at p = 0.3, n = 1000 is 0.0145; allow 3.4 sd.
-    assert!((b - 0.30).abs() < 0.05, "arm b got {b:.3} of requests: {count:?}");
+    assert!(
+        (b - 0.30).abs() < 0.05,
+        "arm b got {b:.3} of requests: {count:?}"
+    );
     let m = router_metrics(&router).await;
-    let arm_b = metric_sum(&m, "vllm_router_requests_total", &["slot=\"b\"", "status=\"200\""]);
+    let arm_b = metric_sum(
+        &m,
+        "vllm_router_requests_total",
+        &["slot=\"b\"", "status=\"200\""],
+    );
     assert_eq!(arm_b as u32, count["w1"], "per-arm request counter");
     assert!(m.contains("vllm_router_policy_info{") && m.contains("slot=\"b\""));
 }
@@ -198,7 +251,13 @@ async fn sticky_ab_keeps_a_session_on_one_arm() {
         let session = format!("session-{s}");
         let mut seen = std::collections::HashSet::new();
         for t in 0..5 {
-            let r = post_json(&c, &url, &[("x-session-id", &session)], &chat_body(&format!("turn {t}"), false)).await;
+            let r = post_json(
+                &c,
+                &url,
+                &[("x-session-id", &session)],
+                &chat_body(&format!("turn {t}"), false),
+            )
+            .await;
             seen.insert(worker_of(&r));
         }
         assert_eq!(seen.len(), 1, "{session} flipped arms: {seen:?}");
@@ -229,7 +288,14 @@ async fn shadow_decides_but_is_never_acted_on_and_agreement_is_counted() {
         assert_eq!(probe_worker(&c, &router).await, "w0");
     }
     let m = router_metrics(&router).await;
-    assert_eq!(metric_sum(&m, "vllm_router_shadow_decisions_total", &["agreement=\"disagree\""]), 20.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "vllm_router_shadow_decisions_total",
+            &["agreement=\"disagree\""]
+        ),
+        20.0
+    );
     // Replace the shadow with one that agrees.
     let r = c
         .put(format!("{}/admin/policies/shadow", router.url()))
@@ -243,9 +309,21 @@ async fn shadow_decides_but_is_never_acted_on_and_agreement_is_counted() {
         assert_eq!(probe_worker(&c, &router).await, "w0");
     }
     let m = router_metrics(&router).await;
-    assert_eq!(metric_sum(&m, "vllm_router_shadow_decisions_total", &["agreement=\"agree\""]), 10.0);
+    assert_eq!(
+        metric_sum(
+            &m,
+            "vllm_router_shadow_decisions_total",
+            &["agreement=\"agree\""]
+        ),
+        10.0
+    );
     let a = admin(&c, &router).await;
-    let shadow = a["slots"].as_array().unwrap().iter().find(|s| s["name"] == "shadow").unwrap();
+    let shadow = a["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "shadow")
+        .unwrap();
     assert_eq!(shadow["shadow_agreements"], 10);
 }
 
@@ -254,18 +332,39 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
     let sims = start_sims(2, &[]);
     let off = start_router(&urls(&sims), &[]);
     let c = client();
-    let r = c.get(format!("{}/admin/policies", off.url())).bearer_auth(KEY).send().await.unwrap();
+    let r = c
+        .get(format!("{}/admin/policies", off.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
-    let r = c.post(format!("{}/add_worker?url=http://127.0.0.1:1", off.url())).send().await.unwrap();
+    let r = c
+        .post(format!("{}/add_worker?url=http://127.0.0.1:1", off.url()))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
 
-    let router = start_router(&urls(&sims), &["--admin-api-key", KEY, "--policy", "round_robin"]);
+    let router = start_router(
+        &urls(&sims),
+        &["--admin-api-key", KEY, "--policy", "round_robin"],
+    );
     let base = router.url();
-    let r = c.get(format!("{base}/admin/policies")).send().await.unwrap();
+    let r = c
+        .get(format!("{base}/admin/policies"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_admin_token");
-    let r = c.get(format!("{base}/admin/policies")).bearer_auth("wrong-key-wrong-key-wrong").send().await.unwrap();
+    let r = c
+        .get(format!("{base}/admin/policies"))
+        .bearer_auth("wrong-key-wrong-key-wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     let a = admin(&c, &router).await;
     assert_eq!(a["slots"][0]["name"], "default");
@@ -281,7 +380,13 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
         .unwrap();
     assert_eq!(r.status(), 422);
     let body: Value = r.json().await.unwrap();
-    assert!(body["error"]["message"].as_str().unwrap().contains("cannot read"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read"),
+        "{body}"
+    );
     let pin = c
         .put(format!("{base}/admin/policies/default"))
         .bearer_auth(KEY)
@@ -290,7 +395,10 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
         .await
         .unwrap();
     assert_eq!(pin.status(), 422);
-    assert_eq!(admin(&c, &router).await["slots"][0]["policy"], "round_robin");
+    assert_eq!(
+        admin(&c, &router).await["slots"][0]["policy"],
+        "round_robin"
+    );
 
     // Add an arm, split, promote, remove.
     let r = c
@@ -301,35 +409,112 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let r = c.put(format!("{base}/admin/weights")).bearer_auth(KEY).json(&json!({"default": 0, "canary": 0})).send().await.unwrap();
+    let r = c
+        .put(format!("{base}/admin/weights"))
+        .bearer_auth(KEY)
+        .json(&json!({"default": 0, "canary": 0}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400, "all-zero weights must be refused");
-    let r = c.post(format!("{base}/admin/policies/canary/promote")).bearer_auth(KEY).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/admin/policies/canary/promote"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let a = admin(&c, &router).await;
-    let w: HashMap<String, u64> = a["slots"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["weight"].as_u64().unwrap())).collect();
+    let w: HashMap<String, u64> = a["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(w["canary"], 100);
     assert_eq!(w["default"], 0);
     for i in 0..5 {
-        let r = post_json(&c, &format!("{base}/v1/chat/completions"), &[], &chat_body(&format!("x{i}"), false)).await;
+        let r = post_json(
+            &c,
+            &format!("{base}/v1/chat/completions"),
+            &[],
+            &chat_body(&format!("x{i}"), false),
+        )
+        .await;
         assert_eq!(r.status(), 200);
     }
     let m = router_metrics(&router).await;
-    assert_eq!(metric_sum(&m, "vllm_router_requests_total", &["slot=\"canary\""]), 5.0);
-    let r = c.delete(format!("{base}/admin/policies/canary")).bearer_auth(KEY).send().await.unwrap();
-    assert_eq!(r.status(), 409, "removing the only serving arm must be refused");
-    let r = c.delete(format!("{base}/admin/policies/default")).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(
+        metric_sum(&m, "vllm_router_requests_total", &["slot=\"canary\""]),
+        5.0
+    );
+    let r = c
+        .delete(format!("{base}/admin/policies/canary"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        409,
+        "removing the only serving arm must be refused"
+    );
+    let r = c
+        .delete(format!("{base}/admin/policies/default"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
 
     // Worker membership.
     let extra = start_sim("w9", &[]);
-    let r = c.post(format!("{base}/add_worker?url={}", extra.url())).bearer_auth(KEY).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/add_worker?url={}", extra.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let l: Value = c.get(format!("{base}/list_workers")).send().await.unwrap().json().await.unwrap();
+    let l: Value = c
+        .get(format!("{base}/list_workers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(l["urls"].as_array().unwrap().len(), 3);
-    let r = c.post(format!("{base}/add_worker?url=http://127.0.0.1:1")).bearer_auth(KEY).send().await.unwrap();
-    assert_eq!(r.status(), 400, "a worker that does not answer /health is not added");
-    let r = c.post(format!("{base}/remove_worker?url={}", extra.url())).bearer_auth(KEY).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/add_worker?url=http://127.0.0.1:1"))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        400,
+        "a worker that does not answer /health is not added"
+    );
+    let r = c
+        .post(format!("{base}/remove_worker?url={}", extra.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let l: Value = c.get(format!("{base}/list_workers")).send().await.unwrap().json().await.unwrap();
+    let l: Value = c
+        .get(format!("{base}/list_workers"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(l["urls"].as_array().unwrap().len(), 2);
 }

@@ -16,7 +16,9 @@ fn header<'a>(rec: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 fn is_pd_id(id: &str, p: &str, d: &str) -> bool {
-    let Some((head, uuid)) = id.rsplit_once('_') else { return false };
+    let Some((head, uuid)) = id.rsplit_once('_') else {
+        return false;
+    };
     head == format!("___prefill_addr_{p}___decode_addr_{d}")
         && uuid.len() == 32
         && uuid.chars().all(|c| c.is_ascii_hexdigit())
@@ -43,13 +45,25 @@ fn authority(p: &Proc) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stage_flow_shapes_both_requests_exactly() {
-    let prefills = vec![start_sim("p0", &["--role", "prefill"]), start_sim("p1", &["--role", "prefill"])];
-    let decodes = vec![start_sim("d0", &["--role", "decode"]), start_sim("d1", &["--role", "decode"])];
+    let prefills = vec![
+        start_sim("p0", &["--role", "prefill"]),
+        start_sim("p1", &["--role", "prefill"]),
+    ];
+    let decodes = vec![
+        start_sim("d0", &["--role", "decode"]),
+        start_sim("d1", &["--role", "decode"]),
+    ];
     let router = pd_router(&prefills, &decodes, &["--policy", "round_robin"]);
     let c = client();
     let body = json!({"model": "sim-model", "messages": [{"role": "user", "content": "hello"}],
         "max_tokens": 7, "max_completion_tokens": 7, "min_tokens": 3, "stream": false});
-    let r = post_json(&c, &format!("{}/v1/chat/completions", router.url()), &[("authorization", "Bearer client-key")], &body).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", router.url()),
+        &[("authorization", "Bearer client-key")],
+        &body,
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let rid = r.headers()["x-request-id"].to_str().unwrap().to_string();
     let out: Value = r.json().await.unwrap();
@@ -97,14 +111,22 @@ async fn two_stage_flow_shapes_both_requests_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decode_streams_to_the_client() {
     let prefills = vec![start_sim("p0", &["--role", "prefill"])];
-    let decodes = vec![start_sim("d0", &["--role", "decode", "--token-delay-ms", "20"])];
+    let decodes = vec![start_sim(
+        "d0",
+        &["--role", "decode", "--token-delay-ms", "20"],
+    )];
     let router = pd_router(&prefills, &decodes, &[]);
     let c = client();
     let body = json!({"model": "sim-model", "prompt": "stream me", "max_tokens": 8, "stream": true,
         "stream_options": {"include_usage": true}});
     let r = post_json(&c, &format!("{}/v1/completions", router.url()), &[], &body).await;
     assert_eq!(r.status(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let mut s = r.bytes_stream();
     let t0 = Instant::now();
     let first = s.next().await.unwrap().unwrap();
@@ -116,7 +138,10 @@ async fn decode_streams_to_the_client() {
     let text = String::from_utf8(all).unwrap();
     assert_eq!(text.matches("\"text\":").count(), 8, "{text}");
     assert!(text.ends_with("data: [DONE]\n\n"));
-    assert!(first_at < Duration::from_millis(120), "first chunk only after {first_at:?}: buffered?");
+    assert!(
+        first_at < Duration::from_millis(120),
+        "first chunk only after {first_at:?}: buffered?"
+    );
     let p = &sim_requests(&prefills[0]).await[0];
     assert_eq!(p["body"]["stream"], false);
     assert!(p["body"].get("stream_options").is_none());
@@ -127,34 +152,99 @@ async fn decode_streams_to_the_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_503_is_retried_and_a_final_failure_never_calls_decode() {
-    let prefills = vec![start_sim("p0", &["--role", "prefill"]), start_sim("p1", &["--role", "prefill"])];
+    let prefills = vec![
+        start_sim("p0", &["--role", "prefill"]),
+        start_sim("p1", &["--role", "prefill"]),
+    ];
     let decodes = vec![start_sim("d0", &["--role", "decode"])];
-    let router = pd_router(&prefills, &decodes, &["--policy", "round_robin", "--health-failure-threshold", "100"]);
+    let router = pd_router(
+        &prefills,
+        &decodes,
+        &[
+            "--policy",
+            "round_robin",
+            "--health-failure-threshold",
+            "100",
+        ],
+    );
     let c = client();
     let url = format!("{}/v1/completions", router.url());
-    client().post(format!("{}/sim/config", prefills[0].url())).json(&json!({"fail_status": 503})).send().await.unwrap();
+    client()
+        .post(format!("{}/sim/config", prefills[0].url()))
+        .json(&json!({"fail_status": 503}))
+        .send()
+        .await
+        .unwrap();
     for i in 0..4 {
-        let r = post_json(&c, &url, &[], &json!({"model": "sim-model", "prompt": format!("x{i}"), "max_tokens": 2})).await;
+        let r = post_json(
+            &c,
+            &url,
+            &[],
+            &json!({"model": "sim-model", "prompt": format!("x{i}"), "max_tokens": 2}),
+        )
+        .await;
         assert_eq!(r.status(), 200);
     }
     assert_eq!(sim_requests(&decodes[0]).await.len(), 4);
-    assert_eq!(sim_requests(&prefills[1]).await.len(), 4, "every request ended on the healthy prefill");
+    assert_eq!(
+        sim_requests(&prefills[1]).await.len(),
+        4,
+        "every request ended on the healthy prefill"
+    );
     // Every prefill fails: JSON error, decode untouched.
-    client().post(format!("{}/sim/config", prefills[1].url())).json(&json!({"fail_status": 500})).send().await.unwrap();
+    client()
+        .post(format!("{}/sim/config", prefills[1].url()))
+        .json(&json!({"fail_status": 500}))
+        .send()
+        .await
+        .unwrap();
     let before = sim_requests(&decodes[0]).await.len();
-    let r = post_json(&c, &url, &[], &json!({"model": "sim-model", "prompt": "doomed", "max_tokens": 2})).await;
+    let r = post_json(
+        &c,
+        &url,
+        &[],
+        &json!({"model": "sim-model", "prompt": "doomed", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status(), 502);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "prefill_failed", "{v}");
-    assert_eq!(sim_requests(&decodes[0]).await.len(), before, "decode called after a failed prefill");
+    assert_eq!(
+        sim_requests(&decodes[0]).await.len(),
+        before,
+        "decode called after a failed prefill"
+    );
     // A client error from prefill is passed on, not retried.
-    client().post(format!("{}/sim/config", prefills[1].url())).json(&json!({"fail_status": 0})).send().await.unwrap();
-    client().post(format!("{}/sim/config", prefills[0].url())).json(&json!({"fail_status": 0})).send().await.unwrap();
+    client()
+        .post(format!("{}/sim/config", prefills[1].url()))
+        .json(&json!({"fail_status": 0}))
+        .send()
+        .await
+        .unwrap();
+    client()
+        .post(format!("{}/sim/config", prefills[0].url()))
+        .json(&json!({"fail_status": 0}))
+        .send()
+        .await
+        .unwrap();
     let r = post_json(&c, &url, &[], &json!({"prompt": "no model"})).await;
     assert_eq!(r.status(), 400);
     let m = router_metrics(&router).await;
-    assert!(metric_sum(&m, "vllm_router_pd_stage_requests_total", &["stage=\"prefill\"", "status=\"503\""]) >= 2.0);
-    assert_eq!(metric_sum(&m, "vllm_router_pd_stage_requests_total", &["stage=\"decode\"", "status=\"200\""]), 4.0);
+    assert!(
+        metric_sum(
+            &m,
+            "vllm_router_pd_stage_requests_total",
+            &["stage=\"prefill\"", "status=\"503\""]
+        ) >= 2.0
+    );
+    assert_eq!(
+        metric_sum(
+            &m,
+            "vllm_router_pd_stage_requests_total",
+            &["stage=\"decode\"", "status=\"200\""]
+        ),
+        4.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,47 +252,123 @@ async fn zmq_discovery_registers_routes_expires_and_ignores_garbage() {
     let disc = free_port();
     let router = start_router(
         &[],
-        &["--vllm-pd-disaggregation", "--vllm-discovery-address", &format!("127.0.0.1:{disc}"), "--policy", "round_robin"],
+        &[
+            "--vllm-pd-disaggregation",
+            "--vllm-discovery-address",
+            &format!("127.0.0.1:{disc}"),
+            "--policy",
+            "round_robin",
+        ],
     );
     let reg = format!("127.0.0.1:{disc}");
-    let p = start_sim("p0", &["--role", "prefill", "--register", &reg, "--register-interval-ms", "200", "--zmq-address", "10.9.8.7:21001"]);
-    let d = start_sim("d0", &["--role", "decode", "--register", &reg, "--register-interval-ms", "200", "--zmq-address", "10.9.8.6:22001"]);
+    let p = start_sim(
+        "p0",
+        &[
+            "--role",
+            "prefill",
+            "--register",
+            &reg,
+            "--register-interval-ms",
+            "200",
+            "--zmq-address",
+            "10.9.8.7:21001",
+        ],
+    );
+    let d = start_sim(
+        "d0",
+        &[
+            "--role",
+            "decode",
+            "--register",
+            &reg,
+            "--register-interval-ms",
+            "200",
+            "--zmq-address",
+            "10.9.8.6:22001",
+        ],
+    );
     // Garbage on the discovery socket is dropped.
     {
         use zeromq::{Socket, SocketSend};
         let mut g = zeromq::DealerSocket::new();
         g.connect(&format!("tcp://{reg}")).await.unwrap();
-        g.send(zeromq::ZmqMessage::from(b"not msgpack".to_vec())).await.unwrap();
-        g.send(zeromq::ZmqMessage::from(rmp_serde::to_vec_named(&json!({"type": "X"})).unwrap())).await.unwrap();
+        g.send(zeromq::ZmqMessage::from(b"not msgpack".to_vec()))
+            .await
+            .unwrap();
+        g.send(zeromq::ZmqMessage::from(
+            rmp_serde::to_vec_named(&json!({"type": "X"})).unwrap(),
+        ))
+        .await
+        .unwrap();
     }
     let c = client();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let l: Value = c.get(format!("{}/list_workers", router.url())).send().await.unwrap().json().await.unwrap();
+        let l: Value = c
+            .get(format!("{}/list_workers", router.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if l["urls"].as_array().unwrap().len() == 2 {
             break;
         }
         assert!(Instant::now() < deadline, "instances not registered: {l}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = post_json(&c, &format!("{}/v1/completions", router.url()), &[], &json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2})).await;
+    let r = post_json(
+        &c,
+        &format!("{}/v1/completions", router.url()),
+        &[],
+        &json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let rec = &sim_requests(&d).await[0];
     let id = header(rec, "x-request-id").unwrap();
-    assert!(is_pd_id(id, "10.9.8.7:21001", "10.9.8.6:22001"), "id does not use ZMQ addresses: {id}");
+    assert!(
+        is_pd_id(id, "10.9.8.7:21001", "10.9.8.6:22001"),
+        "id does not use ZMQ addresses: {id}"
+    );
     // The decode instance goes silent: removed within ~5 s.
-    c.post(format!("{}/sim/config", d.url())).json(&json!({"register": ""})).send().await.unwrap();
+    c.post(format!("{}/sim/config", d.url()))
+        .json(&json!({"register": ""}))
+        .send()
+        .await
+        .unwrap();
     let silent = Instant::now();
     loop {
-        let l: Value = c.get(format!("{}/list_workers", router.url())).send().await.unwrap().json().await.unwrap();
+        let l: Value = c
+            .get(format!("{}/list_workers", router.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if l["urls"].as_array().unwrap().len() == 1 {
             break;
         }
-        assert!(silent.elapsed() < Duration::from_secs(8), "silent instance not expired: {l}");
+        assert!(
+            silent.elapsed() < Duration::from_secs(8),
+            "silent instance not expired: {l}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(silent.elapsed() >= Duration::from_secs(4), "expired too early ({:?})", silent.elapsed());
-    let r = post_json(&c, &format!("{}/v1/completions", router.url()), &[], &json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2})).await;
+    assert!(
+        silent.elapsed() >= Duration::from_secs(4),
+        "expired too early ({:?})",
+        silent.elapsed()
+    );
+    let r = post_json(
+        &c,
+        &format!("{}/v1/completions", router.url()),
+        &[],
+        &json!({"model": "sim-model", "prompt": "hi", "max_tokens": 2}),
+    )
+    .await;
     assert_eq!(r.status(), 503, "no decode instance left");
     drop(p);
 }
@@ -210,19 +376,44 @@ async fn zmq_discovery_registers_routes_expires_and_ignores_garbage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_parallel_ranks_are_workers_with_their_own_header() {
     let sims = start_sims(1, &[]);
-    let router = start_router(&urls(&sims), &["--intra-node-data-parallel-size", "3", "--policy", "round_robin"]);
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--intra-node-data-parallel-size",
+            "3",
+            "--policy",
+            "round_robin",
+        ],
+    );
     let c = client();
     for i in 0..6 {
-        let r = post_json(&c, &format!("{}/v1/completions", router.url()), &[], &json!({"model": "sim-model", "prompt": format!("{i}"), "max_tokens": 1})).await;
+        let r = post_json(
+            &c,
+            &format!("{}/v1/completions", router.url()),
+            &[],
+            &json!({"model": "sim-model", "prompt": format!("{i}"), "max_tokens": 1}),
+        )
+        .await;
         assert_eq!(r.status(), 200);
     }
     let ranks: Vec<String> = sim_requests(&sims[0])
         .await
         .iter()
-        .map(|r| header(r, "x-data-parallel-rank").unwrap_or("none").to_string())
+        .map(|r| {
+            header(r, "x-data-parallel-rank")
+                .unwrap_or("none")
+                .to_string()
+        })
         .collect();
     assert_eq!(ranks, ["0", "1", "2", "0", "1", "2"]);
-    let l: Value = c.get(format!("{}/list_workers", router.url())).send().await.unwrap().json().await.unwrap();
+    let l: Value = c
+        .get(format!("{}/list_workers", router.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(l["urls"].as_array().unwrap().len(), 3);
     assert!(l["urls"][2].as_str().unwrap().ends_with("@2"));
 }

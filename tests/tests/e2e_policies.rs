@@ -42,7 +42,11 @@ async fn cache_aware_keeps_conversations_and_spreads_new_ones() {
         history[0].1 = "a long and careful answer about the topic";
         history.push(("please go on with more detail", ""));
         let r = post_json(&c, &url, &[], &conversation(&sys, &history)).await;
-        assert_eq!(worker_of(&r), owner[&conv], "turn 2 of conversation {conv} moved");
+        assert_eq!(
+            worker_of(&r),
+            owner[&conv],
+            "turn 2 of conversation {conv} moved"
+        );
         // The simulated engine confirms the prefix was cached there.
         let cached: u64 = r.headers()["x-sim-cached-tokens"]
             .to_str()
@@ -52,7 +56,11 @@ async fn cache_aware_keeps_conversations_and_spreads_new_ones() {
         assert!(cached > 0, "turn 2 had no prefix-cache hit");
     }
     let used: HashSet<&String> = owner.values().collect();
-    assert_eq!(used.len(), 3, "a shared system prompt piled conversations: {owner:?}");
+    assert_eq!(
+        used.len(),
+        3,
+        "a shared system prompt piled conversations: {owner:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,18 +69,25 @@ async fn every_builtin_loads_from_a_file_and_serves() {
     let dir = std::env::temp_dir().join(format!("vr-builtins-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let c = client();
-    for name in ["round_robin", "random", "consistent_hash", "power_of_two", "cache_aware"] {
+    for name in [
+        "round_robin",
+        "random",
+        "consistent_hash",
+        "power_of_two",
+        "cache_aware",
+    ] {
         let path = dir.join(format!("{name}.wasm"));
         let out = std::process::Command::new(bin("vllm-router"))
             .arg("--export-policy")
             .arg(format!("{name}={}", path.display()))
             .output()
             .unwrap();
-        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
-        let router = start_router(
-            &urls(&sims),
-            &["--policy-wasm", path.to_str().unwrap()],
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
+        let router = start_router(&urls(&sims), &["--policy-wasm", path.to_str().unwrap()]);
         for i in 0..4 {
             let r = post_json(
                 &c,
@@ -93,7 +108,12 @@ async fn engine_queue_from_worker_metrics_steers_power_of_two() {
     let idle = start_sim("idle", &[]);
     let router = start_router(
         &[busy.url(), idle.url()],
-        &["--policy", "power_of_two", "--engine-metrics-interval-ms", "100"],
+        &[
+            "--policy",
+            "power_of_two",
+            "--engine-metrics-interval-ms",
+            "100",
+        ],
     );
     let c = client();
     // Wait for a scrape round (100 ms interval).
@@ -106,6 +126,10 @@ async fn engine_queue_from_worker_metrics_steers_power_of_two() {
             &json!({"model": "sim-model", "prompt": "x", "max_tokens": 1}),
         )
         .await;
-        assert_eq!(worker_of(&r), "idle", "a worker with 40 queued requests was chosen");
+        assert_eq!(
+            worker_of(&r),
+            "idle",
+            "a worker with 40 queued requests was chosen"
+        );
     }
 }

@@ -11,11 +11,11 @@ use crate::request::RequestInfo;
 use crate::workers::{Worker, WorkerSet};
 pub use runtime::{Completion, PolicyEngine, PolicyFault, PolicyVersion, Stage};
 pub use slots::{PolicySlot, PolicySlots, PolicySource, SlotSpec};
-pub use vllm_router_sdk::{Candidate, EngineLoad};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use vllm_router_sdk::Role;
+pub use vllm_router_sdk::{Candidate, EngineLoad};
 
 /// The outcome of choosing a worker for one attempt.
 pub struct Choice {
@@ -47,7 +47,11 @@ pub fn fallback_choice(candidates: &[Candidate]) -> u32 {
 /// Engine load is attached when scraping is on and the sample is fresh.
 pub fn candidates(set: &WorkerSet, role: Role, exclude: &[u32]) -> Vec<Candidate> {
     let max_age = crate::engine::max_age_ms();
-    let now = if max_age > 0 { crate::util::uptime_ms() } else { 0 };
+    let now = if max_age > 0 {
+        crate::util::uptime_ms()
+    } else {
+        0
+    };
     set.workers
         .iter()
         .filter(|w| {

@@ -25,10 +25,10 @@ mod bindings {
 }
 
 pub use bindings::vllm::router_policy::types::{Completion, Stage};
-use vllm_router_sdk::Candidate;
-use vllm_router_sdk::wire::{pack_candidate, pack_engine};
 use bindings::vllm::router_policy::{host, types};
 use bindings::{Policy as PolicyWorld, PolicyPre};
+use vllm_router_sdk::Candidate;
+use vllm_router_sdk::wire::{pack_candidate, pack_engine};
 
 /// Marker for the `request` resource: the host passes the current request by borrow and
 /// keeps it in the Store's data, so no table entry is made per call.
@@ -161,9 +161,11 @@ fn link_wasi(
         let base = name.split('@').next().unwrap_or(&name);
         match base {
             "wasi:random/insecure-seed" => {
-                linker.instance(&name)?.func_wrap("insecure-seed", |_, (): ()| {
-                    Ok(((rand::random::<u64>(), rand::random::<u64>()),))
-                })?;
+                linker
+                    .instance(&name)?
+                    .func_wrap("insecure-seed", |_, (): ()| {
+                        Ok(((rand::random::<u64>(), rand::random::<u64>()),))
+                    })?;
             }
             "wasi:random/random" => {
                 let mut i = linker.instance(&name)?;
@@ -181,9 +183,7 @@ fn link_wasi(
             }
             "wasi:clocks/monotonic-clock" => {
                 let mut i = linker.instance(&name)?;
-                i.func_wrap("now", |_, (): ()| {
-                    Ok((crate::util::uptime_ns(),))
-                })?;
+                i.func_wrap("now", |_, (): ()| Ok((crate::util::uptime_ns(),)))?;
                 i.func_wrap("resolution", |_, (): ()| Ok((1u64,)))?;
             }
             "wasi:clocks/wall-clock" => {
@@ -242,7 +242,11 @@ impl PolicyEngine {
     /// arrive already optimised by their own compiler (LLVM for Rust, C, Go): measured
     /// here, decision cost is the same either way while compilation (start, hot swap) is
     /// ~25 % faster without (cache_aware 176 vs 224–254 ms on one core).
-    pub fn with_options(timeout_ms: u64, max_memory_mb: u64, optimize: bool) -> anyhow::Result<Arc<Self>> {
+    pub fn with_options(
+        timeout_ms: u64,
+        max_memory_mb: u64,
+        optimize: bool,
+    ) -> anyhow::Result<Arc<Self>> {
         let mut cfg = Config::new();
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
@@ -278,7 +282,8 @@ impl PolicyEngine {
 
     /// Quarantine a version after `faults` faults within `window` (`faults` 0 = never).
     pub fn set_quarantine(&self, faults: u32, window: Duration) {
-        self.quarantine_faults.store(faults as u64, Ordering::Relaxed);
+        self.quarantine_faults
+            .store(faults as u64, Ordering::Relaxed);
         self.quarantine_window_ms
             .store(window.as_millis() as u64, Ordering::Relaxed);
     }
@@ -314,7 +319,9 @@ impl PolicyEngine {
                     .instantiate_pre(&component)
                     .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
                 let pre = PolicyPre::new(pre).map_err(|e| {
-                    anyhow::anyhow!("component does not export vllm:router-policy/balancer@0.1.x: {e:#}")
+                    anyhow::anyhow!(
+                        "component does not export vllm:router-policy/balancer@0.1.x: {e:#}"
+                    )
                 })?;
                 let mut c = self.compiled.lock();
                 c.push((sha256.clone(), pre.clone()));
@@ -542,7 +549,8 @@ impl PolicyVersion {
         if limit == 0 {
             return;
         }
-        let window = Duration::from_millis(self.engine.quarantine_window_ms.load(Ordering::Relaxed));
+        let window =
+            Duration::from_millis(self.engine.quarantine_window_ms.load(Ordering::Relaxed));
         let now = Instant::now();
         let mut q = self.recent_faults.lock();
         q.push_back(now);

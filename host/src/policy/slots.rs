@@ -91,7 +91,10 @@ fn read_source(source: &PolicySource) -> anyhow::Result<(String, Vec<u8>)> {
     match source {
         PolicySource::Builtin(n) => {
             let b = builtin::find(n).ok_or_else(|| {
-                anyhow::anyhow!("unknown built-in policy '{n}'; built-ins: {}", builtin::names())
+                anyhow::anyhow!(
+                    "unknown built-in policy '{n}'; built-ins: {}",
+                    builtin::names()
+                )
             })?;
             Ok((b.name.to_string(), b.wasm.to_vec()))
         }
@@ -285,8 +288,12 @@ impl PolicySlot {
             let state = old.export_state(&set);
             if !state.is_empty() {
                 match new.import_state(&set, &state) {
-                    Ok(true) => tracing::info!(slot = %self.name, from = %old.label, to = %new.label, bytes = state.len(), "policy state handed over"),
-                    Ok(false) => tracing::info!(slot = %self.name, to = %new.label, "new version declined the previous state; starting cold"),
+                    Ok(true) => {
+                        tracing::info!(slot = %self.name, from = %old.label, to = %new.label, bytes = state.len(), "policy state handed over")
+                    }
+                    Ok(false) => {
+                        tracing::info!(slot = %self.name, to = %new.label, "new version declined the previous state; starting cold")
+                    }
                     Err(f) => anyhow::bail!("state import failed: {f}"),
                 }
             }
@@ -379,7 +386,12 @@ impl PolicySlots {
         let Some(i) = v.iter().position(|s| s.name == name) else {
             return Err(format!("no slot named '{name}'"));
         };
-        let rest: Vec<_> = v.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, s)| s.clone()).collect();
+        let rest: Vec<_> = v
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, s)| s.clone())
+            .collect();
         if !rest.iter().any(|s| !s.shadow && s.weight() > 0) {
             return Err(format!(
                 "removing '{name}' would leave no serving slot with weight > 0; promote another slot first"
@@ -397,7 +409,9 @@ impl PolicySlots {
         for (n, _) in weights {
             match list.iter().find(|s| &s.name == n) {
                 None => return Err(format!("no slot named '{n}'")),
-                Some(s) if s.shadow => return Err(format!("slot '{n}' is a shadow; it takes no traffic")),
+                Some(s) if s.shadow => {
+                    return Err(format!("slot '{n}' is a shadow; it takes no traffic"));
+                }
                 Some(_) => {}
             }
         }
@@ -472,7 +486,12 @@ impl PolicySlots {
 
     /// Shadow slots.
     pub fn shadows(&self) -> Vec<Arc<PolicySlot>> {
-        self.list.load().iter().filter(|s| s.shadow).cloned().collect()
+        self.list
+            .load()
+            .iter()
+            .filter(|s| s.shadow)
+            .cloned()
+            .collect()
     }
 
     /// Slots loaded from `path`.

@@ -108,7 +108,9 @@ impl Config {
             return Err("cache_aware: cache_threshold must be within [0, 1]".into());
         }
         if cfg.affinity_load_factor < 1.0 || cfg.balance_window == 0 {
-            return Err("cache_aware: affinity_load_factor must be >= 1.0 and balance_window > 0".into());
+            return Err(
+                "cache_aware: affinity_load_factor must be >= 1.0 and balance_window > 0".into(),
+            );
         }
         if cfg.balance_rel_threshold < 1.0 {
             return Err("cache_aware: balance_rel_threshold must be >= 1.0".into());
@@ -154,7 +156,11 @@ impl CacheAware {
     }
 
     fn tenant_for_key(&mut self, key: &str) -> Tenant {
-        if let Some(i) = self.tenant_keys.iter().position(|k| k.as_deref() == Some(key)) {
+        if let Some(i) = self
+            .tenant_keys
+            .iter()
+            .position(|k| k.as_deref() == Some(key))
+        {
             return i as Tenant;
         }
         let i = match self.tenant_keys.iter().position(Option::is_none) {
@@ -169,7 +175,11 @@ impl CacheAware {
         i as Tenant
     }
 
-    fn least_loaded(&self, candidates: &[Candidate], among: impl Fn(usize) -> bool) -> Option<usize> {
+    fn least_loaded(
+        &self,
+        candidates: &[Candidate],
+        among: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let mut best: Option<((u64, u32, u64), usize)> = None;
         let mut ties = 0u64;
         for (i, c) in candidates.iter().enumerate() {
@@ -446,7 +456,10 @@ mod tests {
         let mut h = Harness::<CacheAware>::new("{}", 4).unwrap();
         let mut counts = [0; 4];
         for i in 0..40 {
-            let p = format!("{i} completely unrelated prompt number {i} about {}", i * 7919);
+            let p = format!(
+                "{i} completely unrelated prompt number {i} about {}",
+                i * 7919
+            );
             counts[h.pick(&FakeRequest::completion(&p)) as usize] += 1;
         }
         assert_eq!(counts, [10, 10, 10, 10]);

@@ -202,7 +202,14 @@ impl RadixTree {
                         }
                         let cont = rest.is_empty()
                             || !n.children.iter().any(|&ch| self.nodes[ch as usize].has(t));
-                        set(out, t, TenantMatch { matched: pos, continuation: cont });
+                        set(
+                            out,
+                            t,
+                            TenantMatch {
+                                matched: pos,
+                                continuation: cont,
+                            },
+                        );
                     }
                 }
                 return best.max(if node == ROOT { 0 } else { pos });
@@ -214,9 +221,15 @@ impl RadixTree {
                 let n = &self.nodes[node as usize];
                 for &(t, _) in &n.tenants {
                     if want(t) && !cn.has(t) {
-                        let cont =
-                            !n.children.iter().any(|&ch| self.nodes[ch as usize].has(t));
-                        set(out, t, TenantMatch { matched: pos, continuation: cont });
+                        let cont = !n.children.iter().any(|&ch| self.nodes[ch as usize].has(t));
+                        set(
+                            out,
+                            t,
+                            TenantMatch {
+                                matched: pos,
+                                continuation: cont,
+                            },
+                        );
                     }
                 }
             }
@@ -226,7 +239,14 @@ impl RadixTree {
                 let ended = pos + common == text.len();
                 for &(t, _) in &cn.tenants {
                     if want(t) {
-                        set(out, t, TenantMatch { matched: pos + common, continuation: ended });
+                        set(
+                            out,
+                            t,
+                            TenantMatch {
+                                matched: pos + common,
+                                continuation: ended,
+                            },
+                        );
                     }
                 }
                 return best;
@@ -294,7 +314,11 @@ impl RadixTree {
         });
         self.nodes[c as usize].parent = mid;
         let p = &mut self.nodes[parent as usize];
-        let i = p.children.iter().position(|&x| x == c).expect("child of parent");
+        let i = p
+            .children
+            .iter()
+            .position(|&x| x == c)
+            .expect("child of parent");
         p.children[i] = mid;
         mid
     }
@@ -455,8 +479,15 @@ mod tests {
         let mut t = RadixTree::new(10_000, 25_000);
         let mut seed = 7u64;
         for i in 0..3000 {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            let text = format!("prefix-{} body {} {}", seed % 13, seed, "x".repeat((seed % 200) as usize));
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let text = format!(
+                "prefix-{} body {} {}",
+                seed % 13,
+                seed,
+                "x".repeat((seed % 200) as usize)
+            );
             t.insert(text.as_bytes(), (i % 4) as Tenant);
             for tenant in 0..4 {
                 assert!(t.tenant_size(tenant) <= 10_000);

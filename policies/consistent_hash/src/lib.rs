@@ -24,11 +24,11 @@ use serde::Deserialize;
 use std::collections::HashMap;
 use vllm_router_sdk::prelude::*;
 
+/// Body fields checked after the headers, in priority order.
+pub use vllm_router_sdk::routing::SESSION_KEY_FIELDS as KEY_FIELDS;
 /// Header names checked for a key, in priority order (shared with the router's sticky
 /// A/B assignment).
 pub use vllm_router_sdk::routing::SESSION_KEY_HEADERS as KEY_HEADERS;
-/// Body fields checked after the headers, in priority order.
-pub use vllm_router_sdk::routing::SESSION_KEY_FIELDS as KEY_FIELDS;
 
 #[derive(Deserialize)]
 #[serde(default, deny_unknown_fields)]

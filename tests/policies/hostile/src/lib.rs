@@ -43,9 +43,14 @@ impl Policy for Hostile {
         } else if config.contains("\"decline\"") {
             Mode::Decline
         } else {
-            return Err(format!("hostile test policy needs {{\"mode\": ...}}, got {config}"));
+            return Err(format!(
+                "hostile test policy needs {{\"mode\": ...}}, got {config}"
+            ));
         };
-        Ok(Hostile { mode, hoard: Vec::new() })
+        Ok(Hostile {
+            mode,
+            hoard: Vec::new(),
+        })
     }
 
     fn select(&mut self, req: &dyn Request, c: &[Candidate]) -> Decision {

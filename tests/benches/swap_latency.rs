@@ -27,13 +27,7 @@ async fn main() {
     let c = client();
     let url = format!("{}/v1/completions", router.url());
     let body = serde_json::json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
-    let worker = |r: &reqwest::Response| {
-        r.headers()["x-vllm-sim-worker"]
-            .to_str()
-            .unwrap()
-            .to_string()
-    };
-    let mut serving = worker(&post_json(&c, &url, &[], &body).await);
+    let mut serving = worker_of(&post_json(&c, &url, &[], &body).await);
     let mut results = Vec::new();
     for fresh in [true, false] {
         let mut samples = Vec::new();
@@ -64,7 +58,7 @@ async fn main() {
             let t0 = Instant::now();
             std::fs::rename(&tmp, &policy).unwrap();
             loop {
-                let w = worker(&post_json(&c, &url, &[], &body).await);
+                let w = worker_of(&post_json(&c, &url, &[], &body).await);
                 if w == expect {
                     break;
                 }

@@ -286,3 +286,29 @@ pub async fn sim_requests(sim: &Proc) -> Vec<serde_json::Value> {
         .await
         .unwrap()
 }
+
+/// The simulated worker that answered (`x-vllm-sim-worker`); panics if the header is
+/// missing (the response did not come from a simulated worker).
+pub fn worker_of(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-vllm-sim-worker")
+        .and_then(|v| v.to_str().ok())
+        .expect("response has no x-vllm-sim-worker header")
+        .to_string()
+}
+
+/// GET `url` and parse the JSON answer.
+pub async fn get_json(c: &reqwest::Client, url: &str) -> serde_json::Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// Change a simulated worker's knobs at run time (`POST /sim/config`).
+pub async fn set_sim(sim: &Proc, cfg: serde_json::Value) {
+    let r = client()
+        .post(format!("{}/sim/config", sim.url()))
+        .json(&cfg)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "POST /sim/config {cfg}");
+}

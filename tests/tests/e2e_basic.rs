@@ -21,10 +21,7 @@ async fn non_stream_and_stream_for_completions_and_chat() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let worker = r.headers()["x-vllm-sim-worker"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let worker = worker_of(&r);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["content"], "tok0 tok1 tok2 ");
@@ -104,23 +101,9 @@ async fn non_stream_and_stream_for_completions_and_chat() {
     assert!(r.headers().contains_key("x-vllm-sim-worker"));
 
     // Info routes.
-    let v: Value = c
-        .get(format!("{}/v1/models", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&c, &format!("{}/v1/models", router.url())).await;
     assert_eq!(v["data"][0]["id"], "sim-model");
-    let v: Value = c
-        .get(format!("{}/readiness", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(&c, &format!("{}/readiness", router.url())).await;
     assert_eq!(
         v,
         json!({"status": "ready", "healthy_workers": 2, "total_workers": 2})
@@ -176,10 +159,7 @@ async fn round_robin_gives_exactly_equal_counts_under_concurrency() {
                     .await
                     .unwrap();
                 assert_eq!(r.status(), 200);
-                let w = r.headers()["x-vllm-sim-worker"]
-                    .to_str()
-                    .unwrap()
-                    .to_string();
+                let w = worker_of(&r);
                 r.bytes().await.unwrap();
                 w
             }
@@ -218,10 +198,7 @@ async fn policy_wasm_loads_the_example_policy_and_it_decides() {
         .send()
         .await
         .unwrap();
-    let busy_worker = busy.headers()["x-vllm-sim-worker"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let busy_worker = worker_of(&busy);
     let mut busy_stream = busy.bytes_stream();
     busy_stream.next().await.unwrap().unwrap();
     // ... so least-in-flight never sends it the short requests (round_robin would).
@@ -236,14 +213,7 @@ async fn policy_wasm_loads_the_example_policy_and_it_decides() {
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        *seen
-            .entry(
-                r.headers()["x-vllm-sim-worker"]
-                    .to_str()
-                    .unwrap()
-                    .to_string(),
-            )
-            .or_default() += 1;
+        *seen.entry(worker_of(&r)).or_default() += 1;
     }
     assert!(
         !seen.contains_key(&busy_worker),
@@ -504,10 +474,7 @@ async fn consistent_hash_keeps_sessions_on_one_worker_and_spreads_sessions() {
                 .await
                 .unwrap();
             assert_eq!(r.status(), 200);
-            let w = r.headers()["x-vllm-sim-worker"]
-                .to_str()
-                .unwrap()
-                .to_string();
+            let w = worker_of(&r);
             let prev = owners
                 .entry(format!("session-{s}"))
                 .or_insert_with(|| w.clone());
@@ -530,12 +497,7 @@ async fn consistent_hash_keeps_sessions_on_one_worker_and_spreads_sessions() {
             .send()
             .await
             .unwrap();
-        seen.insert(
-            r.headers()["x-vllm-sim-worker"]
-                .to_str()
-                .unwrap()
-                .to_string(),
-        );
+        seen.insert(worker_of(&r));
     }
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
@@ -553,14 +515,7 @@ async fn power_of_two_steers_away_from_a_busy_worker() {
         let mut b = chat_body("long", true);
         b["max_tokens"] = json!(40);
         let r = c.post(&url).json(&b).send().await.unwrap();
-        *busy
-            .entry(
-                r.headers()["x-vllm-sim-worker"]
-                    .to_str()
-                    .unwrap()
-                    .to_string(),
-            )
-            .or_default() += 1;
+        *busy.entry(worker_of(&r)).or_default() += 1;
         let mut s = r.bytes_stream();
         s.next().await.unwrap().unwrap();
         streams.push(s);

@@ -12,14 +12,6 @@ use vllm_router_tests::*;
 
 const KEY: &str = "test-admin-key-0123456789";
 
-fn worker_of(r: &reqwest::Response) -> String {
-    r.headers()
-        .get("x-vllm-sim-worker")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("?")
-        .to_string()
-}
-
 async fn probe_worker(c: &reqwest::Client, router: &Proc) -> String {
     let r = post_json(
         c,
@@ -481,14 +473,7 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let l: Value = c
-        .get(format!("{base}/list_workers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let l: Value = get_json(&c, &format!("{base}/list_workers")).await;
     assert_eq!(l["urls"].as_array().unwrap().len(), 3);
     let r = c
         .post(format!("{base}/add_worker?url=http://127.0.0.1:1"))
@@ -508,13 +493,6 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let l: Value = c
-        .get(format!("{base}/list_workers"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let l: Value = get_json(&c, &format!("{base}/list_workers")).await;
     assert_eq!(l["urls"].as_array().unwrap().len(), 2);
 }

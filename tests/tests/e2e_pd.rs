@@ -169,12 +169,7 @@ async fn prefill_503_is_retried_and_a_final_failure_never_calls_decode() {
     );
     let c = client();
     let url = format!("{}/v1/completions", router.url());
-    client()
-        .post(format!("{}/sim/config", prefills[0].url()))
-        .json(&json!({"fail_status": 503}))
-        .send()
-        .await
-        .unwrap();
+    set_sim(&prefills[0], json!({"fail_status": 503})).await;
     for i in 0..4 {
         let r = post_json(
             &c,
@@ -192,12 +187,7 @@ async fn prefill_503_is_retried_and_a_final_failure_never_calls_decode() {
         "every request ended on the healthy prefill"
     );
     // Every prefill fails: JSON error, decode untouched.
-    client()
-        .post(format!("{}/sim/config", prefills[1].url()))
-        .json(&json!({"fail_status": 500}))
-        .send()
-        .await
-        .unwrap();
+    set_sim(&prefills[1], json!({"fail_status": 500})).await;
     let before = sim_requests(&decodes[0]).await.len();
     let r = post_json(
         &c,
@@ -215,18 +205,8 @@ async fn prefill_503_is_retried_and_a_final_failure_never_calls_decode() {
         "decode called after a failed prefill"
     );
     // A client error from prefill is passed on, not retried.
-    client()
-        .post(format!("{}/sim/config", prefills[1].url()))
-        .json(&json!({"fail_status": 0}))
-        .send()
-        .await
-        .unwrap();
-    client()
-        .post(format!("{}/sim/config", prefills[0].url()))
-        .json(&json!({"fail_status": 0}))
-        .send()
-        .await
-        .unwrap();
+    set_sim(&prefills[1], json!({"fail_status": 0})).await;
+    set_sim(&prefills[0], json!({"fail_status": 0})).await;
     let r = post_json(&c, &url, &[], &json!({"prompt": "no model"})).await;
     assert_eq!(r.status(), 400);
     let m = router_metrics(&router).await;
@@ -304,14 +284,7 @@ async fn zmq_discovery_registers_routes_expires_and_ignores_garbage() {
     let c = client();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let l: Value = c
-            .get(format!("{}/list_workers", router.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let l: Value = get_json(&c, &format!("{}/list_workers", router.url())).await;
         if l["urls"].as_array().unwrap().len() == 2 {
             break;
         }
@@ -333,21 +306,10 @@ async fn zmq_discovery_registers_routes_expires_and_ignores_garbage() {
         "id does not use ZMQ addresses: {id}"
     );
     // The decode instance goes silent: removed within ~5 s.
-    c.post(format!("{}/sim/config", d.url()))
-        .json(&json!({"register": ""}))
-        .send()
-        .await
-        .unwrap();
+    set_sim(&d, json!({"register": ""})).await;
     let silent = Instant::now();
     loop {
-        let l: Value = c
-            .get(format!("{}/list_workers", router.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let l: Value = get_json(&c, &format!("{}/list_workers", router.url())).await;
         if l["urls"].as_array().unwrap().len() == 1 {
             break;
         }
@@ -406,14 +368,7 @@ async fn data_parallel_ranks_are_workers_with_their_own_header() {
         })
         .collect();
     assert_eq!(ranks, ["0", "1", "2", "0", "1", "2"]);
-    let l: Value = c
-        .get(format!("{}/list_workers", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let l: Value = get_json(&c, &format!("{}/list_workers", router.url())).await;
     assert_eq!(l["urls"].as_array().unwrap().len(), 3);
     assert!(l["urls"][2].as_str().unwrap().ends_with("@2"));
 }

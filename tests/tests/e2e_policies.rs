@@ -7,13 +7,6 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use vllm_router_tests::*;
 
-fn worker_of(r: &reqwest::Response) -> String {
-    r.headers()["x-vllm-sim-worker"]
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 fn conversation(sys: &str, turns: &[(&str, &str)]) -> Value {
     let mut msgs = vec![json!({"role": "system", "content": sys})];
     for (u, a) in turns {

@@ -12,16 +12,6 @@ async fn sim_count(sim: &Proc) -> usize {
     sim_requests(sim).await.len()
 }
 
-async fn set_sim(sim: &Proc, cfg: Value) {
-    let r = client()
-        .post(format!("{}/sim/config", sim.url()))
-        .json(&cfg)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-}
-
 fn completion() -> Value {
     json!({"model": "sim-model", "prompt": "x", "max_tokens": 1})
 }
@@ -143,14 +133,7 @@ async fn a_worker_killed_under_load_fails_no_request_and_is_excluded() {
     // Excluded within one health interval (passively, at the first connection error).
     let c = client();
     loop {
-        let h: Value = c
-            .get(format!("{}/health", router.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let h: Value = get_json(&c, &format!("{}/health", router.url())).await;
         if h["unhealthy_workers"]
             .as_array()
             .unwrap()

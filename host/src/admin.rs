@@ -115,6 +115,17 @@ fn bad(code: &'static str, msg: impl Into<String>) -> Response {
     ApiError::bad_request(code, msg).into_response()
 }
 
+/// 422 for a policy that did not load (the running version is unchanged).
+fn load_failed(msg: String) -> Response {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request_error",
+        "policy_load_failed",
+        msg,
+    )
+    .into_response()
+}
+
 fn not_found(name: &str) -> Response {
     ApiError::new(
         StatusCode::NOT_FOUND,
@@ -242,13 +253,7 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
                 .set(slot.weight() as i64);
             axum::Json(slot_json(&slot)).into_response()
         }
-        Ok(Err(msg)) => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request_error",
-            "policy_load_failed",
-            format!("policy not loaded, nothing changed: {msg}"),
-        )
-        .into_response(),
+        Ok(Err(msg)) => load_failed(format!("policy not loaded, nothing changed: {msg}")),
         Err(e) => ApiError::internal(format!("load task failed: {e}")).into_response(),
     }
 }
@@ -265,13 +270,9 @@ async fn reload(State(a): St, Path(name): Path<String>) -> Response {
     .await;
     match r {
         Ok(Ok(_)) => axum::Json(slot_json(&slot)).into_response(),
-        Ok(Err(e)) => ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request_error",
-            "policy_load_failed",
-            format!("reload refused, last good version keeps serving: {e:#}"),
-        )
-        .into_response(),
+        Ok(Err(e)) => load_failed(format!(
+            "reload refused, last good version keeps serving: {e:#}"
+        )),
         Err(e) => ApiError::internal(format!("reload task failed: {e}")).into_response(),
     }
 }

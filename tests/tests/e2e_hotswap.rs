@@ -50,12 +50,14 @@ fn ab_router(sims: &[Proc], extra: &[&str]) -> Proc {
     start_router(&urls(sims), &args)
 }
 
+/// Send an admin call with the test's bearer token.
+async fn admin_send(rb: reqwest::RequestBuilder) -> reqwest::Response {
+    rb.bearer_auth(KEY).send().await.unwrap()
+}
+
 async fn admin(c: &reqwest::Client, router: &Proc) -> Value {
-    c.get(format!("{}/admin/policies", router.url()))
-        .bearer_auth(KEY)
-        .send()
+    admin_send(c.get(format!("{}/admin/policies", router.url())))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap()
@@ -289,13 +291,11 @@ async fn shadow_decides_but_is_never_acted_on_and_agreement_is_counted() {
         20.0
     );
     // Replace the shadow with one that agrees.
-    let r = c
-        .put(format!("{}/admin/policies/shadow", router.url()))
-        .bearer_auth(KEY)
-        .json(&json!({"path": first}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(
+        c.put(format!("{}/admin/policies/shadow", router.url()))
+            .json(&json!({"path": first})),
+    )
+    .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     for _ in 0..10 {
         assert_eq!(probe_worker(&c, &router).await, "w0");
@@ -324,12 +324,7 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
     let sims = start_sims(2, &[]);
     let off = start_router(&urls(&sims), &[]);
     let c = client();
-    let r = c
-        .get(format!("{}/admin/policies", off.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.get(format!("{}/admin/policies", off.url()))).await;
     assert_eq!(r.status(), 404);
     let r = c
         .post(format!("{}/add_worker?url=http://127.0.0.1:1", off.url()))
@@ -363,13 +358,11 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
     assert_eq!(a["slots"][0]["policy"], "round_robin");
 
     // A failed load changes nothing and says why.
-    let r = c
-        .put(format!("{base}/admin/policies/default"))
-        .bearer_auth(KEY)
-        .json(&json!({"path": "/nonexistent/policy.wasm"}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(
+        c.put(format!("{base}/admin/policies/default"))
+            .json(&json!({"path": "/nonexistent/policy.wasm"})),
+    )
+    .await;
     assert_eq!(r.status(), 422);
     let body: Value = r.json().await.unwrap();
     assert!(
@@ -379,13 +372,11 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
             .contains("cannot read"),
         "{body}"
     );
-    let pin = c
-        .put(format!("{base}/admin/policies/default"))
-        .bearer_auth(KEY)
-        .json(&json!({"builtin": "random", "sha256": "00ff"}))
-        .send()
-        .await
-        .unwrap();
+    let pin = admin_send(
+        c.put(format!("{base}/admin/policies/default"))
+            .json(&json!({"builtin": "random", "sha256": "00ff"})),
+    )
+    .await;
     assert_eq!(pin.status(), 422);
     assert_eq!(
         admin(&c, &router).await["slots"][0]["policy"],
@@ -393,28 +384,19 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
     );
 
     // Add an arm, split, promote, remove.
-    let r = c
-        .put(format!("{base}/admin/policies/canary"))
-        .bearer_auth(KEY)
-        .json(&json!({"builtin": "cache_aware", "config": {"cache_threshold": 0.5}, "weight": 0}))
-        .send()
-        .await
-        .unwrap();
+    let r =
+        admin_send(c.put(format!("{base}/admin/policies/canary")).json(
+            &json!({"builtin": "cache_aware", "config": {"cache_threshold": 0.5}, "weight": 0}),
+        ))
+        .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
-    let r = c
-        .put(format!("{base}/admin/weights"))
-        .bearer_auth(KEY)
-        .json(&json!({"default": 0, "canary": 0}))
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(
+        c.put(format!("{base}/admin/weights"))
+            .json(&json!({"default": 0, "canary": 0})),
+    )
+    .await;
     assert_eq!(r.status(), 400, "all-zero weights must be refused");
-    let r = c
-        .post(format!("{base}/admin/policies/canary/promote"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.post(format!("{base}/admin/policies/canary/promote"))).await;
     assert_eq!(r.status(), 200);
     let a = admin(&c, &router).await;
     let w: HashMap<String, u64> = a["slots"]
@@ -445,53 +427,28 @@ async fn admin_api_is_off_by_default_and_needs_the_token() {
         metric_sum(&m, "vllm_router_requests_total", &["slot=\"canary\""]),
         5.0
     );
-    let r = c
-        .delete(format!("{base}/admin/policies/canary"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.delete(format!("{base}/admin/policies/canary"))).await;
     assert_eq!(
         r.status(),
         409,
         "removing the only serving arm must be refused"
     );
-    let r = c
-        .delete(format!("{base}/admin/policies/default"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.delete(format!("{base}/admin/policies/default"))).await;
     assert_eq!(r.status(), 200);
 
     // Worker membership.
     let extra = start_sim("w9", &[]);
-    let r = c
-        .post(format!("{base}/add_worker?url={}", extra.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.post(format!("{base}/add_worker?url={}", extra.url()))).await;
     assert_eq!(r.status(), 200);
     let l: Value = get_json(&c, &format!("{base}/list_workers")).await;
     assert_eq!(l["urls"].as_array().unwrap().len(), 3);
-    let r = c
-        .post(format!("{base}/add_worker?url=http://127.0.0.1:1"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.post(format!("{base}/add_worker?url=http://127.0.0.1:1"))).await;
     assert_eq!(
         r.status(),
         400,
         "a worker that does not answer /health is not added"
     );
-    let r = c
-        .post(format!("{base}/remove_worker?url={}", extra.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = admin_send(c.post(format!("{base}/remove_worker?url={}", extra.url()))).await;
     assert_eq!(r.status(), 200);
     let l: Value = get_json(&c, &format!("{base}/list_workers")).await;
     assert_eq!(l["urls"].as_array().unwrap().len(), 2);

@@ -368,8 +368,8 @@ async fn add_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
         url.trim_end_matches('/'),
         a.args.health_check_endpoint
     );
-    let client = reqwest_like_probe(Duration::from_secs(a.args.health_check_timeout_secs.max(1)));
-    if !client(probe.clone()).await {
+    let timeout = Duration::from_secs(a.args.health_check_timeout_secs.max(1));
+    if !crate::health::probe_url(&crate::health::probe_client(timeout), &probe, timeout).await {
         return bad(
             "worker_unhealthy",
             format!("{probe} did not answer 2xx; worker not added"),
@@ -400,20 +400,4 @@ async fn remove_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
     }
     tracing::info!(worker = %url, removed = n, "worker removed by admin API");
     axum::Json(json!({"removed": url, "workers": n})).into_response()
-}
-
-/// One GET with a timeout; true on 2xx.
-fn reqwest_like_probe(
-    timeout: Duration,
-) -> impl Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> {
-    let client = crate::health::probe_client(timeout);
-    move |url: String| {
-        let client = client.clone();
-        Box::pin(async move {
-            let Ok(uri) = url.parse::<http::Uri>() else {
-                return false;
-            };
-            matches!(tokio::time::timeout(timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
-        })
-    }
 }

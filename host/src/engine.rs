@@ -6,11 +6,9 @@
 //! shown stale. For a data-parallel rank only series labelled `engine="<rank>"` count;
 //! otherwise series are summed over engines (KV use: the maximum).
 
+use crate::health::{ProbeClient, probe_client};
 use crate::workers::{Registry, Worker};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -85,9 +83,7 @@ pub fn parse_vllm_metrics(text: &str, rank: Option<u32>) -> Option<EngineSample>
     seen.then_some(s)
 }
 
-type ScrapeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
-
-async fn scrape(client: &ScrapeClient, w: &Worker, timeout: Duration) -> Option<EngineSample> {
+async fn scrape(client: &ProbeClient, w: &Worker, timeout: Duration) -> Option<EngineSample> {
     let uri: http::Uri = format!("{}/metrics", w.url).parse().ok()?;
     let resp = tokio::time::timeout(timeout, client.get(uri))
         .await
@@ -107,11 +103,8 @@ async fn scrape(client: &ScrapeClient, w: &Worker, timeout: Duration) -> Option<
 /// Scrape all healthy workers every `interval` until the task is dropped.
 pub async fn run(registry: Arc<Registry>, interval: Duration) {
     MAX_AGE_MS.store(interval.as_millis() as u64 * 3 + 1000, Ordering::Relaxed);
-    let mut http = HttpConnector::new();
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(interval.max(Duration::from_millis(500))));
-    let client: ScrapeClient = Client::builder(TokioExecutor::new()).build(http);
     let timeout = interval.max(Duration::from_millis(500));
+    let client = probe_client(timeout);
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned = false;

@@ -38,11 +38,15 @@ pub fn probe_client(timeout: Duration) -> ProbeClient {
 }
 
 async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {
-    let uri = format!("{}{}", w.url, cfg.endpoint);
-    let Ok(uri) = uri.parse::<http::Uri>() else {
+    probe_url(client, &format!("{}{}", w.url, cfg.endpoint), cfg.timeout).await
+}
+
+/// One `GET url` within `timeout`; true on a 2xx answer.
+pub async fn probe_url(client: &ProbeClient, url: &str, timeout: Duration) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
         return false;
     };
-    matches!(tokio::time::timeout(cfg.timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
+    matches!(tokio::time::timeout(timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
 }
 
 /// Probe each distinct base URL once, in parallel (data-parallel ranks of one server
@@ -111,30 +115,21 @@ pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metric
     }
 }
 
-/// Probe every worker once, in parallel, and mark those that do not answer unhealthy
-/// (the checker brings them in when they do). Returns how many answered.
+/// Probe every worker once, in parallel, and apply the answer at once (no thresholds):
+/// a worker that does not answer gets no traffic until it does, one that answers is
+/// healthy. Used at startup and while waiting for workers
+/// (`--worker-startup-timeout-secs`). Returns how many answered.
 pub async fn startup_probe(registry: &Registry, cfg: &HealthConfig) -> usize {
     let client = probe_client(cfg.timeout);
     let set = registry.snapshot();
     let results = probe_by_url(&client, &set.workers, cfg).await;
     for (w, ok) in set.workers.iter().zip(&results) {
-        if !ok {
-            w.record_failure(true, 1);
+        if *ok {
+            if w.record_success(1) {
+                tracing::info!(worker = %w.name(), "worker healthy");
+            }
+        } else if w.record_failure(true, 1) {
             tracing::warn!(worker = %w.name(), "worker not answering {} at startup; no traffic until it does", cfg.endpoint);
-        }
-    }
-    results.iter().filter(|ok| **ok).count()
-}
-
-/// Probe every worker once, in parallel; workers that answer are marked healthy at once
-/// (used while waiting for workers at startup). Returns how many answered.
-pub async fn probe_all_recover(registry: &Registry, cfg: &HealthConfig) -> usize {
-    let client = probe_client(cfg.timeout);
-    let set = registry.snapshot();
-    let results = probe_by_url(&client, &set.workers, cfg).await;
-    for (w, ok) in set.workers.iter().zip(&results) {
-        if *ok && w.record_success(1) {
-            tracing::info!(worker = %w.name(), "worker healthy");
         }
     }
     results.iter().filter(|ok| **ok).count()

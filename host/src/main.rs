@@ -99,7 +99,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let args = args;
     let t0 = Instant::now();
     let engine = PolicyEngine::with_options(
         args.policy_timeout_ms,
@@ -218,7 +217,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             tokio::time::sleep(Duration::from_secs(args.worker_startup_check_interval)).await;
-            healthy = health::probe_all_recover(&registry, &hcfg).await;
+            healthy = health::startup_probe(&registry, &hcfg).await;
         }
     }
     tokio::spawn(health::run(registry.clone(), hcfg, metrics.clone()));

@@ -85,26 +85,42 @@ pub fn choose(
     }
     slot.count_decision();
     let version = slot.current();
-    if version.is_quarantined() {
+    let (id, fallback) = if version.is_quarantined() {
         metrics
             .policy_fallbacks
             .with_label_values(&[&slot.name])
             .inc();
-        let id = fallback_choice(cands);
-        return Some(Choice {
-            worker: set.get(id)?.clone(),
-            slot: Some(slot.clone()),
-            version,
-            fallback: true,
-        });
-    }
+        (fallback_choice(cands), true)
+    } else {
+        decide(slot, &version, req, stage, set, cands, metrics)
+    };
+    let worker = set.get(id)?.clone();
+    Some(Choice {
+        worker,
+        slot: Some(slot.clone()),
+        version,
+        fallback,
+    })
+}
+
+/// One `select` call with its metrics; a fault is counted, logged and answered by
+/// [`fallback_choice`]. Returns the worker id and whether the fallback chose.
+fn decide(
+    slot: &PolicySlot,
+    version: &PolicyVersion,
+    req: &Arc<RequestInfo>,
+    stage: Stage,
+    set: &WorkerSet,
+    cands: &[Candidate],
+    metrics: &Metrics,
+) -> (u32, bool) {
     let t0 = Instant::now();
     let result = version.select(req, stage, set, cands);
     metrics
         .policy_decision_seconds
         .with_label_values(&[slot.name.as_str()])
         .observe(t0.elapsed().as_secs_f64());
-    let (id, fallback) = match result {
+    match result {
         Ok(id) => (id, false),
         Err(fault) => {
             metrics
@@ -127,14 +143,7 @@ pub fn choose(
             }
             (fallback_choice(cands), true)
         }
-    };
-    let worker = set.get(id)?.clone();
-    Some(Choice {
-        worker,
-        slot: Some(slot.clone()),
-        version,
-        fallback,
-    })
+    }
 }
 
 /// Let each shadow slot decide on the same candidates and count whether it agreed with

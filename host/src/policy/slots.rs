@@ -86,9 +86,19 @@ pub struct PolicySlot {
     load_lock: Mutex<()>,
 }
 
-/// Read a spec's component bytes.
-fn read_source(source: &PolicySource) -> anyhow::Result<(String, Vec<u8>)> {
-    match source {
+/// A component read from its source, hashed once.
+struct Loaded {
+    /// Policy name (built-in name or file stem).
+    name: String,
+    /// Component bytes (borrowed for built-ins).
+    bytes: std::borrow::Cow<'static, [u8]>,
+    /// SHA-256 of `bytes`, hex.
+    sha256: String,
+}
+
+/// Read a spec's component bytes (once: the bytes hashed are the bytes compiled).
+fn read_source(source: &PolicySource) -> anyhow::Result<Loaded> {
+    let (name, bytes) = match source {
         PolicySource::Builtin(n) => {
             let b = builtin::find(n).ok_or_else(|| {
                 anyhow::anyhow!(
@@ -96,7 +106,7 @@ fn read_source(source: &PolicySource) -> anyhow::Result<(String, Vec<u8>)> {
                     builtin::names()
                 )
             })?;
-            Ok((b.name.to_string(), b.wasm.to_vec()))
+            (b.name.to_string(), std::borrow::Cow::Borrowed(b.wasm))
         }
         PolicySource::File(p) => {
             let bytes = std::fs::read(p)
@@ -105,9 +115,15 @@ fn read_source(source: &PolicySource) -> anyhow::Result<(String, Vec<u8>)> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().to_string())
                 .unwrap_or_else(|| "custom".into());
-            Ok((name, bytes))
+            (name, std::borrow::Cow::Owned(bytes))
         }
-    }
+    };
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    Ok(Loaded {
+        name,
+        bytes,
+        sha256,
+    })
 }
 
 fn smoke_request() -> Arc<RequestInfo> {
@@ -137,17 +153,39 @@ pub fn build_version(
     role: Role,
     set: &WorkerSet,
 ) -> anyhow::Result<Arc<PolicyVersion>> {
-    let (name, bytes) = read_source(&spec.source)?;
-    if bytes.is_empty() {
+    build_from(
+        engine,
+        spec,
+        &read_source(&spec.source)?,
+        pin_sha256,
+        role,
+        set,
+    )
+}
+
+/// [`build_version`] for bytes already read.
+fn build_from(
+    engine: &Arc<PolicyEngine>,
+    spec: &SlotSpec,
+    src: &Loaded,
+    pin_sha256: Option<&str>,
+    role: Role,
+    set: &WorkerSet,
+) -> anyhow::Result<Arc<PolicyVersion>> {
+    if src.bytes.is_empty() {
         anyhow::bail!("{} is empty", spec.source);
     }
     if let Some(pin) = pin_sha256 {
-        let got = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if !got.eq_ignore_ascii_case(pin) {
-            anyhow::bail!("sha256 mismatch: file has {got}, pinned {pin}");
+        if !src.sha256.eq_ignore_ascii_case(pin) {
+            anyhow::bail!("sha256 mismatch: file has {}, pinned {pin}", src.sha256);
         }
     }
-    let version = engine.load(&name, &spec.source.to_string(), &bytes, &spec.config)?;
+    let version = engine.load(
+        &src.name,
+        &spec.source.to_string(),
+        &src.bytes,
+        &spec.config,
+    )?;
     let cands: Vec<Candidate> = set
         .workers
         .iter()
@@ -277,13 +315,12 @@ impl PolicySlot {
         let spec = spec.unwrap_or_else(|| self.spec());
         let old = self.current();
         let outcome = (|| -> anyhow::Result<Option<Arc<PolicyVersion>>> {
-            let (_, bytes) = read_source(&spec.source)?;
-            let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-            if sha == old.sha256 && spec.config == old.config && pin_sha256.is_none() {
+            let src = read_source(&spec.source)?;
+            if src.sha256 == old.sha256 && spec.config == old.config && pin_sha256.is_none() {
                 return Ok(None);
             }
             let set = registry.snapshot();
-            let new = build_version(engine, &spec, pin_sha256, self.role, &set)?;
+            let new = build_from(engine, &spec, &src, pin_sha256, self.role, &set)?;
             // State hand-off: both sides must implement it; a refusal means "start cold".
             let state = old.export_state(&set);
             if !state.is_empty() {

@@ -137,7 +137,9 @@ impl Worker {
 
     /// Whether the breaker lets a request through now (moves open → half-open when due).
     pub fn breaker_allows(&self) -> bool {
-        if !self.cb.cfg.enabled {
+        // The common case (closed) costs one atomic load; the clock is read only when an
+        // open breaker may be due for half-open (this runs per candidate per request).
+        if !self.cb.cfg.enabled || self.breaker.state() == BreakerState::Closed {
             return true;
         }
         let (ok, t) = self.breaker.allows(&self.cb.cfg, crate::util::uptime_ms());

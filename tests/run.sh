@@ -11,7 +11,7 @@ cargo build --release --workspace --locked
 # policies for the sandbox tests, a component of another world).
 cargo build --locked --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm \
   -p least-inflight-policy -p test-policy-pick-first -p test-policy-pick-last \
-  -p test-policy-hostile -p test-other-world
+  -p test-policy-hostile -p test-other-world -p test-policy-probe
 echo "== cargo test"
 cargo test --release --workspace --locked
 echo "== python client tests (official openai client against the router)"

@@ -6,12 +6,11 @@
 //! answer 404 (the API does not exist); with a wrong or missing token, 401. Every
 //! answer is JSON; a failed load changes nothing and says why.
 
-use crate::config::Args;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
-use crate::policy::{PolicyEngine, PolicySlot, PolicySlots, PolicySource, SlotSpec, slots};
+use crate::health::HealthConfig;
+use crate::policy::slots::SlotLoader;
+use crate::policy::{PolicySlot, PolicySlots, PolicySource, SlotSpec};
 use crate::watch::PolicyWatcher;
-use crate::workers::Registry;
 use axum::Router;
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
@@ -21,7 +20,6 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use std::time::Duration;
 use subtle::ConstantTimeEq;
 use vllm_router_sdk::Role;
 
@@ -31,16 +29,15 @@ pub struct Admin {
     pub key: Option<String>,
     /// Regular-request slots.
     pub slots: Arc<PolicySlots>,
-    /// The wasmtime engine policies load into.
-    pub engine: Arc<PolicyEngine>,
-    /// Worker registry.
-    pub registry: Arc<Registry>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
+    /// The one slot loader (also used by startup and the file watcher).
+    pub loader: Arc<SlotLoader>,
     /// File watcher (absent with `--no-watch`).
     pub watcher: Option<Arc<PolicyWatcher>>,
-    /// Flags (built-in tunables, health probe settings).
-    pub args: Arc<Args>,
+    /// A built-in's `init` config from its flags, with a JSON object on top:
+    /// `(builtin name, base config) -> config` (see `config::Args::builtin_config_with`).
+    pub builtin_config: Box<dyn Fn(&str, &str) -> String + Send + Sync>,
+    /// Health probe settings (a worker added by `/add_worker` must answer first).
+    pub health: HealthConfig,
 }
 
 type St = State<Arc<Admin>>;
@@ -107,6 +104,7 @@ fn slot_json(s: &PolicySlot) -> Value {
         "decisions": s.decisions(),
         "shadow_agreements": if s.shadow { json!(s.shadow_agreements()) } else { Value::Null },
         "faults": v.faults(),
+        "inits": v.inits(),
         "last_reload": s.last_reload(),
     })
 }
@@ -203,7 +201,7 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
         Some(_) => return bad("invalid_config", "`config` must be a JSON object"),
     };
     let config = match &source {
-        PolicySource::Builtin(n) => a.args.builtin_config_with(n, &config),
+        PolicySource::Builtin(n) => (a.builtin_config)(n, &config),
         PolicySource::File(_) => config,
     };
     let spec = SlotSpec {
@@ -219,7 +217,7 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
                 if b.shadow.is_some_and(|sh| sh != slot.shadow) {
                     return Err("a slot cannot change between serving and shadow; remove it and load it again".into());
                 }
-                slot.reload(&a2.engine, &a2.registry, &a2.metrics, Some(spec), pin.as_deref())
+                a2.loader.reload(&slot, Some(spec), pin.as_deref())
                     .map_err(|e| format!("{e:#}"))?;
                 if let Some(w) = b.weight {
                     a2.slots.set_weights(&[(slot.name.clone(), w)])?;
@@ -227,14 +225,13 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
                 Ok(slot)
             }
             None => {
-                let set = a2.registry.snapshot();
-                let v = slots::build_version(&a2.engine, &spec, pin.as_deref(), Role::Regular, &set)
-                    .map_err(|e| format!("{e:#}"))?;
                 let shadow = b.shadow.unwrap_or(false);
-                let slot = Arc::new(PolicySlot::new(&name, Role::Regular, spec, v.clone(), if shadow { 0 } else { b.weight.unwrap_or(0) }, shadow));
-                a2.metrics.set_policy_info(&name, None, &v);
+                let weight = if shadow { 0 } else { b.weight.unwrap_or(0) };
+                let slot = a2
+                    .loader
+                    .new_slot(&name, Role::Regular, spec, weight, shadow, pin.as_deref())
+                    .map_err(|e| format!("{e:#}"))?;
                 a2.slots.upsert(slot.clone());
-                tracing::info!(slot = %name, policy = %v.label, weight = slot.weight(), shadow, "policy slot added");
                 Ok(slot)
             }
         }
@@ -247,7 +244,8 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
                     tracing::warn!("{e:#}");
                 }
             }
-            a.metrics
+            a.loader
+                .metrics
                 .slot_weight
                 .with_label_values(&[&slot.name])
                 .set(slot.weight() as i64);
@@ -264,10 +262,7 @@ async fn reload(State(a): St, Path(name): Path<String>) -> Response {
     };
     let a2 = a.clone();
     let s2 = slot.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        s2.reload(&a2.engine, &a2.registry, &a2.metrics, None, None)
-    })
-    .await;
+    let r = tokio::task::spawn_blocking(move || a2.loader.reload(&s2, None, None)).await;
     match r {
         Ok(Ok(_)) => axum::Json(slot_json(&slot)).into_response(),
         Ok(Err(e)) => load_failed(format!(
@@ -281,13 +276,13 @@ async fn remove(State(a): St, Path(name): Path<String>) -> Response {
     match a.slots.remove(&name) {
         Ok(s) => {
             let v = s.current();
-            let _ = a.metrics.policy_info.remove_label_values(&[
+            let _ = a.loader.metrics.policy_info.remove_label_values(&[
                 &name,
                 &v.name,
                 &v.sha256[..12],
                 &v.source,
             ]);
-            let _ = a.metrics.slot_weight.remove_label_values(&[&name]);
+            let _ = a.loader.metrics.slot_weight.remove_label_values(&[&name]);
             tracing::info!(slot = %name, "policy slot removed");
             axum::Json(json!({"removed": name})).into_response()
         }
@@ -315,12 +310,7 @@ async fn weights(State(a): St, body: axum::body::Bytes) -> Response {
     let w: Vec<(String, u32)> = m.into_iter().collect();
     match a.slots.set_weights(&w) {
         Ok(()) => {
-            for s in a.slots.all().iter().filter(|s| !s.shadow) {
-                a.metrics
-                    .slot_weight
-                    .with_label_values(&[&s.name])
-                    .set(s.weight() as i64);
-            }
+            refresh_weights(&a);
             tracing::info!(?w, "A/B weights changed");
             list(State(a)).await
         }
@@ -328,15 +318,21 @@ async fn weights(State(a): St, body: axum::body::Bytes) -> Response {
     }
 }
 
+/// Mirror every serving slot's weight into `vllm_router_slot_weight`.
+fn refresh_weights(a: &Admin) {
+    for s in a.slots.all().iter().filter(|s| !s.shadow) {
+        a.loader
+            .metrics
+            .slot_weight
+            .with_label_values(&[&s.name])
+            .set(s.weight() as i64);
+    }
+}
+
 async fn promote(State(a): St, Path(name): Path<String>) -> Response {
     match a.slots.promote(&name) {
         Ok(()) => {
-            for s in a.slots.all().iter().filter(|s| !s.shadow) {
-                a.metrics
-                    .slot_weight
-                    .with_label_values(&[&s.name])
-                    .set(s.weight() as i64);
-            }
+            refresh_weights(&a);
             tracing::info!(slot = %name, "slot promoted: takes all traffic");
             list(State(a)).await
         }
@@ -363,19 +359,15 @@ async fn add_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
             format!("'{url}' must look like http://host:port"),
         );
     }
-    let probe = format!(
-        "{}{}",
-        url.trim_end_matches('/'),
-        a.args.health_check_endpoint
-    );
-    let timeout = Duration::from_secs(a.args.health_check_timeout_secs.max(1));
+    let probe = format!("{}{}", url.trim_end_matches('/'), a.health.endpoint);
+    let timeout = a.health.timeout;
     if !crate::health::probe_url(&crate::health::probe_client(timeout), &probe, timeout).await {
         return bad(
             "worker_unhealthy",
             format!("{probe} did not answer 2xx; worker not added"),
         );
     }
-    match a.registry.add(&url, Role::Regular, 1) {
+    match a.loader.registry.add(&url, Role::Regular, 1) {
         Ok(ids) => {
             tracing::info!(worker = %url, "worker added by admin API");
             axum::Json(json!({"added": url, "ids": ids})).into_response()
@@ -388,7 +380,7 @@ async fn remove_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
     let Some(url) = q.url else {
         return bad("missing_url", "POST /remove_worker?url=http://host:port");
     };
-    let n = a.registry.remove(&url);
+    let n = a.loader.registry.remove(&url);
     if n == 0 {
         return ApiError::new(
             StatusCode::NOT_FOUND,

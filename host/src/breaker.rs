@@ -3,10 +3,21 @@
 //! - **Closed**: traffic flows. `failure_threshold` failures in a row (5xx, connection
 //!   error, timeout, broken stream), none older than `window` before the latest, open it.
 //!   Any success resets the streak.
-//! - **Open**: the worker gets no traffic for `open_for`.
+//! - **Open**: the worker gets no traffic for `open_for × trips`, capped at
+//!   `max_open_for`, where `trips` counts the times it opened without staying closed
+//!   for `max_open_for` in between: Envoy's outlier detection grows the ejection time
+//!   the same way (`base_ejection_time` × ejections, capped by `max_ejection_time`), so
+//!   a worker that keeps failing right after each probe is probed ever less often.
 //! - **Half-open**: at most `half_open_max` requests at a time are let through as probes
 //!   (vllm-project/router lets *all* traffic through half-open, which hammers a worker
 //!   that is still sick); `success_threshold` successes close it, any failure re-opens it.
+//!
+//! The breaker is the **only** owner of request-outcome ejection: 5xx answers, timeouts
+//! and broken streams do not touch the worker's health (active probes own "up/down", see
+//! [`crate::health`]), so the two never count the same failure against different
+//! thresholds and a worker whose `/health` answers but whose requests fail no longer
+//! flaps up and down. The one request outcome health takes is a failed TCP connection
+//! (nothing listens), the same evidence a failed probe gives.
 //!
 //! Transitions are lazy (checked when a request looks at the worker), logged, and counted
 //! in `vllm_router_cb_transitions_total`.
@@ -24,8 +35,10 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// Successful probes that close it again.
     pub success_threshold: u32,
-    /// Time spent open before probing.
+    /// Time spent open before probing, on the first trip.
     pub open_for: Duration,
+    /// Cap of the growing open time (`--cb-max-timeout-duration-secs`).
+    pub max_open_for: Duration,
     /// A failure streak older than this (first to last failure) starts over.
     pub window: Duration,
     /// Concurrent probe requests allowed while half-open.
@@ -39,6 +52,7 @@ impl Default for BreakerConfig {
             failure_threshold: 10,
             success_threshold: 3,
             open_for: Duration::from_secs(60),
+            max_open_for: Duration::from_secs(300),
             window: Duration::from_secs(120),
             half_open_max: 1,
         }
@@ -97,6 +111,10 @@ struct Inner {
     streak_started_ms: u64,
     changed_ms: u64,
     half_successes: u32,
+    /// Times opened in a row (reset after `max_open_for` closed).
+    trips: u32,
+    /// Open time of the current trip, ms.
+    open_for_ms: u64,
 }
 
 /// One worker's breaker. Reads on the hot path are one atomic load when closed.
@@ -111,13 +129,39 @@ pub struct Breaker {
 pub type Transition = (BreakerState, BreakerState);
 
 impl Breaker {
+    /// How long the current (or last) trip keeps the breaker open, ms.
+    pub fn open_for_ms(&self) -> u64 {
+        self.inner.lock().open_for_ms
+    }
+
     /// Current state (without applying a due open → half-open move).
     pub fn state(&self) -> BreakerState {
         BreakerState::from_u8(self.state.load(Ordering::Relaxed))
     }
 
     fn set(&self, inner: &mut Inner, to: BreakerState, now_ms: u64) -> Transition {
+        self.set_with(inner, to, now_ms, &BreakerConfig::default())
+    }
+
+    fn set_with(
+        &self,
+        inner: &mut Inner,
+        to: BreakerState,
+        now_ms: u64,
+        cfg: &BreakerConfig,
+    ) -> Transition {
         let from = self.state();
+        if to == BreakerState::Open {
+            let max = cfg.max_open_for.max(cfg.open_for).as_millis() as u64;
+            // A worker that stayed closed for the whole cap starts over at one trip.
+            if from == BreakerState::Closed && now_ms.saturating_sub(inner.changed_ms) >= max {
+                inner.trips = 0;
+            }
+            inner.trips = inner.trips.saturating_add(1);
+            inner.open_for_ms = (cfg.open_for.as_millis() as u64)
+                .saturating_mul(inner.trips as u64)
+                .min(max);
+        }
         self.state.store(to as u8, Ordering::Relaxed);
         inner.changed_ms = now_ms;
         inner.half_successes = 0;
@@ -139,7 +183,7 @@ impl Breaker {
             BreakerState::Open => {
                 let mut inner = self.inner.lock();
                 if self.state() == BreakerState::Open
-                    && now_ms.saturating_sub(inner.changed_ms) >= cfg.open_for.as_millis() as u64
+                    && now_ms.saturating_sub(inner.changed_ms) >= inner.open_for_ms
                 {
                     let t = self.set(&mut inner, BreakerState::HalfOpen, now_ms);
                     (cfg.half_open_max > 0, Some(t))
@@ -218,7 +262,7 @@ impl Breaker {
                 }
                 inner.streak += 1;
                 (inner.streak >= cfg.failure_threshold)
-                    .then(|| self.set(&mut inner, BreakerState::Open, now_ms))
+                    .then(|| self.set_with(&mut inner, BreakerState::Open, now_ms, cfg))
             }
             (BreakerState::HalfOpen, true) => {
                 inner.half_successes += 1;
@@ -226,7 +270,7 @@ impl Breaker {
                     .then(|| self.set(&mut inner, BreakerState::Closed, now_ms))
             }
             (BreakerState::HalfOpen, false) => {
-                Some(self.set(&mut inner, BreakerState::Open, now_ms))
+                Some(self.set_with(&mut inner, BreakerState::Open, now_ms, cfg))
             }
             // A request admitted before the breaker opened: its outcome changes nothing.
             (BreakerState::Open, _) => None,
@@ -244,9 +288,47 @@ mod tests {
             failure_threshold: 3,
             success_threshold: 2,
             open_for: Duration::from_millis(1000),
+            max_open_for: Duration::from_millis(2500),
             window: Duration::from_millis(5000),
             half_open_max: 1,
         }
+    }
+
+    fn trip(b: &Breaker, c: &BreakerConfig, now: u64) {
+        for _ in 0..c.failure_threshold {
+            let t = b.acquire(c).unwrap();
+            b.record(c, t, false, now);
+        }
+    }
+
+    #[test]
+    fn open_time_grows_per_trip_is_capped_and_resets_after_a_long_closed_spell() {
+        let b = Breaker::default();
+        let c = cfg();
+        trip(&b, &c, 0);
+        assert_eq!(b.open_for_ms(), 1000);
+        // Probe fails right away: second trip, 2 × open_for.
+        assert!(b.allows(&c, 1000).0);
+        let p = b.acquire(&c).unwrap();
+        b.record(&c, p, false, 1000);
+        assert_eq!(b.open_for_ms(), 2000);
+        assert!(
+            !b.allows(&c, 2999).0,
+            "still open after the first trip's time"
+        );
+        assert!(b.allows(&c, 3000).0);
+        let p = b.acquire(&c).unwrap();
+        b.record(&c, p, false, 3000);
+        assert_eq!(b.open_for_ms(), 2500, "capped at max_open_for");
+        // Recover, stay closed longer than the cap: the next trip starts over.
+        assert!(b.allows(&c, 5500).0);
+        for now in [5500, 5600] {
+            let p = b.acquire(&c).unwrap();
+            b.record(&c, p, true, now);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        trip(&b, &c, 9000);
+        assert_eq!(b.open_for_ms(), 1000);
     }
 
     #[test]

@@ -235,6 +235,18 @@ pub struct Args {
     #[arg(long)]
     pub disable_retries: bool,
 
+    /// Retry budget: retries allowed as a fraction of the requests of the last 10 s
+    /// (0.2 = at most one retry per five requests, plus the floor below), so an outage
+    /// does not multiply the fleet's load by --retry-max-retries. Negative = no budget.
+    /// Refused retries are counted in vllm_router_retries_refused_total.
+    #[arg(long, default_value_t = 0.2, allow_hyphen_values = true)]
+    pub retry_budget_ratio: f64,
+
+    /// Retry budget floor: retries per second always allowed (a quiet router can still
+    /// retry).
+    #[arg(long, default_value_t = 10)]
+    pub retry_budget_min_per_sec: u32,
+
     /// Circuit breaker: consecutive failures (5xx, connection error, timeout, broken
     /// stream) that open a worker's breaker (no traffic for --cb-timeout-duration-secs).
     #[arg(long, default_value_t = 10)]
@@ -247,6 +259,12 @@ pub struct Args {
     /// Circuit breaker: seconds a breaker stays open before probing (half-open).
     #[arg(long, default_value_t = 60)]
     pub cb_timeout_duration_secs: u64,
+
+    /// Circuit breaker: cap of the open time, seconds. Each time a breaker re-opens
+    /// without staying closed for this long, its open time grows by
+    /// --cb-timeout-duration-secs (Envoy's outlier-detection ejection), up to this cap.
+    #[arg(long, default_value_t = 300)]
+    pub cb_max_timeout_duration_secs: u64,
 
     /// Circuit breaker: a failure streak spanning longer than this many seconds starts
     /// over.

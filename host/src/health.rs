@@ -1,4 +1,5 @@
-//! Active health checks: `GET {worker}{--health-check-endpoint}` on every worker in
+//! Active health checks own a worker's "up/down" (request failures go to the circuit
+//! breaker instead, see [`crate::breaker`]): `GET {worker}{--health-check-endpoint}` on every worker in
 //! parallel. Healthy workers are probed every `--health-check-interval-secs`; unhealthy
 //! ones every second, so a recovered worker is back within about
 //! `--health-success-threshold` seconds.
@@ -27,6 +28,7 @@ pub struct HealthConfig {
     pub endpoint: String,
 }
 
+/// The HTTP client of health probes and engine-metrics scrapes.
 pub type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
 
 /// The client health probes use: connect timeout `timeout`, TCP_NODELAY.
@@ -103,10 +105,7 @@ pub async fn run(registry: Arc<Registry>, cfg: HealthConfig, metrics: Arc<Metric
                     tracing::info!(worker = %w.name(), "worker healthy again");
                 }
             } else {
-                metrics
-                    .upstream_errors
-                    .with_label_values(&[&w.url, "health_check"])
-                    .inc();
+                metrics.upstream_error(w, "health_check");
                 if w.record_failure(false, cfg.failure_threshold) {
                     tracing::warn!(worker = %w.name(), "worker marked unhealthy: {} failed health checks", cfg.failure_threshold);
                 }

@@ -2,27 +2,43 @@
 //!
 //! An OpenAI-compatible HTTP router in front of vLLM workers. The host (this crate) does
 //! HTTP/SSE forwarding, health checks, retries and metrics; the load-balancing decision
-//! is made by a WebAssembly component implementing `wit/policy.wit`.
+//! is made by a WebAssembly component implementing `wit/policy.wit`, run by the crate
+//! `vllm-router-runtime` (which knows no HTTP).
 //!
-//! Modules, one concern each: [`config`] (flags), [`server`] (routes, errors),
-//! [`proxy`] (forwarding core: retries, streaming, request ids), [`workers`] (registry,
-//! health state, in-flight), [`health`] (active probes), [`engine`] (vLLM engine-load scraping), [`policy`] (wasmtime engine,
-//! built-ins, slots, A/B and shadow, fallback), [`watch`] (hot swap on file change),
-//! [`admin`] (authenticated admin API), [`metrics`].
+//! Module map (each concern has one home):
+//! - [`app`]: the composition root (builds everything from [`config`]'s flags);
+//! - [`server`]: routes, body validation, request ids, admission control; [`error`]:
+//!   OpenAI-style JSON errors; [`request`]: the request as the router sees it;
+//! - [`forward`]: **the forwarding core** — where a worker is chosen (`pick`), where
+//!   retries happen (`drive`, with the retry budget in `forward::retry`), where an
+//!   attempt's outcome is recorded (`settle`), and the streaming body;
+//! - [`pd`]: the prefill/decode flow, a plan over `forward`; [`discovery`]: vLLM ZMQ;
+//! - [`policy`]: candidates, the policy call and its fallback; `policy::slots` (the
+//!   [`policy::slots::SlotLoader`], where a policy file becomes the serving version; A/B
+//!   and shadow slots); `policy::sync` (worker sets pushed to policies); `policy::builtin`;
+//! - [`watch`]: hot swap on file change; [`admin`]: the authenticated admin API;
+//! - [`workers`]: the registry and per-worker state; [`breaker`]: circuit breaker (owns
+//!   request-outcome ejection); [`health`]: active probes (own up/down); [`engine`]:
+//!   vLLM engine-load scraping;
+//! - [`metrics`]: the router's Prometheus metrics (+ registry gauges as a Collector);
+//!   [`fleet`]: the workers' vLLM metrics summed for `GET /metrics` on the serving port;
+//! - [`util`]: the shared clock.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod breaker;
 pub mod config;
 pub mod discovery;
 pub mod engine;
 pub mod error;
+pub mod fleet;
+pub mod forward;
 pub mod health;
 pub mod metrics;
 pub mod pd;
 pub mod policy;
-pub mod proxy;
 pub mod request;
 pub mod server;
 pub mod util;

@@ -2,9 +2,113 @@
 //! Labels are bounded: route (a fixed set, see [`route_label`]), status, worker URL, policy
 //! slot and version; never request ids.
 
+use crate::workers::{Registry as Workers, Worker};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
 use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use std::sync::Arc;
+
+/// Gauges read from the worker registry and admission control at scrape time (a
+/// Prometheus `Collector`): `vllm_router_worker_in_flight`, `vllm_router_worker_health`,
+/// `vllm_router_cb_state` (worker label `url` or `url@rank`, like every worker metric)
+/// and `vllm_router_admission_requests{state}`. Workers that left have no series.
+pub struct FleetGauges {
+    workers: Arc<Workers>,
+    /// (in flight, queued) of admission control.
+    admission: Box<dyn Fn() -> (i64, i64) + Send + Sync>,
+    in_flight: IntGaugeVec,
+    health: IntGaugeVec,
+    cb_state: IntGaugeVec,
+    admission_g: IntGaugeVec,
+    /// Serialises concurrent scrapes (the gauges are reset and refilled per scrape).
+    scrape: parking_lot::Mutex<()>,
+}
+
+impl FleetGauges {
+    /// Gauges over `workers`; `admission()` gives (in flight, queued).
+    pub fn new(
+        workers: Arc<Workers>,
+        admission: Box<dyn Fn() -> (i64, i64) + Send + Sync>,
+    ) -> Self {
+        let g = |name: &str, help: &str, label: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric")
+        };
+        FleetGauges {
+            workers,
+            admission,
+            in_flight: g(
+                "vllm_router_worker_in_flight",
+                "Requests in flight per worker (until the end of the response stream).",
+                "worker",
+            ),
+            health: g(
+                "vllm_router_worker_health",
+                "1 when the worker is healthy (active health checks), else 0.",
+                "worker",
+            ),
+            cb_state: g(
+                "vllm_router_cb_state",
+                "Circuit breaker state per worker: 0 closed, 1 open, 2 half-open.",
+                "worker",
+            ),
+            admission_g: g(
+                "vllm_router_admission_requests",
+                "Generation requests holding an admission slot (state=in_flight) or waiting for one (state=queued).",
+                "state",
+            ),
+            scrape: parking_lot::Mutex::new(()),
+        }
+    }
+}
+
+impl Collector for FleetGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        [
+            &self.in_flight,
+            &self.health,
+            &self.cb_state,
+            &self.admission_g,
+        ]
+        .into_iter()
+        .flat_map(|g| g.desc())
+        .collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let _one = self.scrape.lock();
+        for g in [&self.in_flight, &self.health, &self.cb_state] {
+            g.reset();
+        }
+        for w in &self.workers.snapshot().workers {
+            let n = w.name();
+            self.in_flight
+                .with_label_values(&[n])
+                .set(w.in_flight() as i64);
+            self.health
+                .with_label_values(&[n])
+                .set(w.is_healthy() as i64);
+            self.cb_state
+                .with_label_values(&[n])
+                .set(w.breaker_state() as i64);
+        }
+        let (in_flight, queued) = (self.admission)();
+        self.admission_g
+            .with_label_values(&["in_flight"])
+            .set(in_flight);
+        self.admission_g.with_label_values(&["queued"]).set(queued);
+        [
+            &self.in_flight,
+            &self.health,
+            &self.cb_state,
+            &self.admission_g,
+        ]
+        .into_iter()
+        .flat_map(|g| g.collect())
+        .collect()
+    }
+}
 
 /// Latency buckets in seconds, from 0.5 ms to 4 min (LLM requests are long).
 const DURATION_BUCKETS: &[f64] = &[
@@ -32,10 +136,6 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Upstream failures by worker and kind (`connect`, `timeout`, `status_5xx`, ...).
     pub upstream_errors: IntCounterVec,
-    /// Requests in flight per worker.
-    pub worker_in_flight: IntGaugeVec,
-    /// 1 when the worker is healthy, else 0.
-    pub worker_health: IntGaugeVec,
     /// Requests routed per worker and policy slot.
     pub worker_requests: IntCounterVec,
     /// Duration of a policy's `select`, by slot and version.
@@ -54,10 +154,6 @@ pub struct Metrics {
     pub shadow_decisions: IntCounterVec,
     /// Requests refused by admission control, by reason (queue_full, queue_timeout).
     pub admission_rejections: IntCounterVec,
-    /// Generation requests holding an admission permit / waiting in the queue.
-    pub admission: IntGaugeVec,
-    /// Circuit breaker state per worker: 0 closed, 1 open, 2 half-open.
-    pub cb_state: IntGaugeVec,
     /// Circuit breaker transitions per worker.
     pub cb_transitions: IntCounterVec,
     /// Policy versions quarantined after repeated faults, by slot.
@@ -68,6 +164,10 @@ pub struct Metrics {
     pub pd_stage_seconds: HistogramVec,
     /// PD: prefill start to the first decode byte (the TTFT the router adds up).
     pub pd_ttft_seconds: prometheus::Histogram,
+    /// Retries the retry budget refused, by route.
+    pub retries_refused: IntCounterVec,
+    /// `on-complete` feedback dropped because the feedback queue was full.
+    pub feedback_dropped: prometheus::IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -141,18 +241,6 @@ impl Metrics {
                 "Upstream failures by worker and kind.",
                 &["worker", "kind"],
             ),
-            worker_in_flight: gauge(
-                &r,
-                "vllm_router_worker_in_flight",
-                "Requests in flight per worker (until the end of the response stream).",
-                &["worker"],
-            ),
-            worker_health: gauge(
-                &r,
-                "vllm_router_worker_health",
-                "1 when the worker is healthy, else 0.",
-                &["worker"],
-            ),
             worker_requests: counter(
                 &r,
                 "vllm_router_worker_requests_total",
@@ -169,14 +257,14 @@ impl Metrics {
             policy_failures: counter(
                 &r,
                 "vllm_router_policy_failures_total",
-                "Policy faults (trap, timeout, out_of_memory, bad_answer, declined, init).",
+                "Policy faults (trap, timeout, out_of_memory, bad_answer, init); a decline (decision::none) is not a fault.",
                 &["slot", "version", "kind"],
             ),
             policy_fallbacks: counter(
                 &r,
                 "vllm_router_policy_fallbacks_total",
-                "Requests routed by the fallback because the policy failed.",
-                &["slot"],
+                "Requests routed by the fallback instead of the policy, by slot and reason (fault, declined, quarantined, syncing).",
+                &["slot", "reason"],
             ),
             policy_reloads: counter(
                 &r,
@@ -207,18 +295,6 @@ impl Metrics {
                 "vllm_router_admission_rejections_total",
                 "Requests answered 429 by admission control, by reason (queue_full, queue_timeout).",
                 &["reason"],
-            ),
-            admission: gauge(
-                &r,
-                "vllm_router_admission_requests",
-                "Generation requests holding an admission slot (state=in_flight) or waiting for one (state=queued).",
-                &["state"],
-            ),
-            cb_state: gauge(
-                &r,
-                "vllm_router_cb_state",
-                "Circuit breaker state per worker: 0 closed, 1 open, 2 half-open.",
-                &["worker"],
             ),
             cb_transitions: counter(
                 &r,
@@ -257,16 +333,69 @@ impl Metrics {
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h
             },
+            retries_refused: counter(
+                &r,
+                "vllm_router_retries_refused_total",
+                "Retries refused by the retry budget (--retry-budget-ratio, --retry-budget-min-per-sec), by route; the attempt's own answer went to the client.",
+                &["route"],
+            ),
+            feedback_dropped: {
+                let c = prometheus::IntCounter::new(
+                    "vllm_router_policy_feedback_dropped_total",
+                    "on-complete calls dropped because the policy feedback queue was full.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             registry: r,
         }
+    }
+
+    /// Count an upstream failure of `worker` (`kind`: connect, timeout, transport,
+    /// status_5xx, stream, health_check).
+    pub fn upstream_error(&self, worker: &Worker, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[worker.name(), kind])
+            .inc();
+    }
+
+    /// Count a request routed to `worker` by `slot`.
+    pub fn worker_request(&self, worker: &Worker, slot: &str) {
+        self.worker_requests
+            .with_label_values(&[worker.name(), slot])
+            .inc();
+    }
+
+    /// Count a request the fallback routed for `slot` (`reason`: fault, declined,
+    /// quarantined, syncing).
+    pub fn policy_fallback(&self, slot: &str, reason: &str) {
+        self.policy_fallbacks
+            .with_label_values(&[slot, reason])
+            .inc();
+    }
+
+    /// Observe one `select` call of `slot`.
+    pub fn policy_decision(&self, slot: &str, took: std::time::Duration) {
+        self.policy_decision_seconds
+            .with_label_values(&[slot])
+            .observe(took.as_secs_f64());
+    }
+
+    /// Register the gauges derived from the worker registry and admission control; they
+    /// are read at scrape time, so workers that left have no series.
+    pub fn register_fleet(&self, fleet: FleetGauges) {
+        self.registry
+            .register(Box::new(fleet))
+            .expect("unique fleet gauges");
     }
 
     /// Record `new` as the version serving in `slot`, dropping `old`'s series.
     pub fn set_policy_info(
         &self,
         slot: &str,
-        old: Option<&crate::policy::PolicyVersion>,
-        new: &crate::policy::PolicyVersion,
+        old: Option<&vllm_router_runtime::PolicyVersion>,
+        new: &vllm_router_runtime::PolicyVersion,
     ) {
         if let Some(o) = old {
             let _ =

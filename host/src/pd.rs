@@ -10,8 +10,9 @@
 //! 3. the prefill request is the client's JSON with `max_tokens: 1` (and
 //!    `max_completion_tokens: 1` if present), `min_tokens` clamped to 1, `stream: false`,
 //!    no `stream_options`, and `kv_transfer_params` asking for a remote decode;
-//! 4. a retryable prefill failure is retried on another prefill worker (breaker,
-//!    backoff); a final failure is returned as JSON and decode is never called;
+//! 4. a retryable prefill failure is retried on another prefill worker by the same
+//!    retry driver as regular requests (breaker, backoff, retry budget); a final failure
+//!    is returned as JSON and decode is never called;
 //! 5. the decode request is the client's body, byte for byte, plus the prefill
 //!    response's `kv_transfer_params` (NIXL) when it has one; its response (JSON or SSE)
 //!    streams to the client unbuffered. Decode is not retried elsewhere: the KV cache
@@ -21,8 +22,8 @@
 //! ones; vllm-project/router drops them.
 
 use crate::error::ApiError;
-use crate::policy::{self, PolicySlot, Stage};
-use crate::proxy::{Proxy, is_retryable, set_request_id};
+use crate::forward::{Attempt, Forwarder, Outcome, Sent, Target, body, is_retryable};
+use crate::policy::{PolicySlot, Stage};
 use crate::request::RequestInfo;
 use crate::workers::Worker;
 use axum::body::Body;
@@ -146,213 +147,168 @@ struct PrefillAnswer<'a> {
     kv_transfer_params: Option<&'a serde_json::value::RawValue>,
 }
 
-impl Proxy {
-    /// Serve a generation request with the two-stage PD flow (see module docs).
-    pub async fn forward_pd(
-        self: &Arc<Self>,
-        pd: &Pd,
-        req: Arc<RequestInfo>,
-        admission: Option<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Response<Body> {
-        let route = crate::metrics::route_label(&req.path);
-        let started = Instant::now();
-        let fail = |e: ApiError, id: &str| {
-            self.finish_error(route, "prefill", &e, started);
-            let mut r = axum::response::IntoResponse::into_response(e);
-            set_request_id(r.headers_mut(), id);
-            r
-        };
-        let set = self.registry.snapshot();
-        // Decode first: its address goes into the id the prefill must see.
-        let dcands = policy::candidates(&set, Role::Decode, &[]);
-        let Some(decode) = policy::choose(
-            &pd.decode,
-            &req,
-            Stage::Decode,
-            &set,
-            &dcands,
-            &self.metrics,
-        ) else {
+/// Serve a generation request with the two-stage PD flow (see module docs), over the
+/// one forwarding core: prefill is [`Forwarder::drive`] with the rewritten body and the
+/// PD request id; decode is one attempt on the worker chosen first.
+pub async fn serve(
+    fwd: &Arc<Forwarder>,
+    pd: &Pd,
+    req: Arc<RequestInfo>,
+    admission: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Response<Body> {
+    let started = Instant::now();
+    let fail =
+        |e: ApiError, slot: &str, id: &str| fwd.error_response(&req, Some(slot), e, started, id);
+    // Decode first: its address goes into the id the prefill must see.
+    let dtarget = Target {
+        role: Role::Decode,
+        stage: Stage::Decode,
+        slot: Some(&pd.decode),
+        shadows: false,
+    };
+    let Some(decode) = fwd.pick(&req, &dtarget, &[]) else {
+        return fail(
+            ApiError::no_workers("no healthy decode workers available"),
+            "decode",
+            &req.request_id,
+        );
+    };
+    let prefill_body = match prefill_body(&req.body) {
+        Ok(b) => b,
+        Err(m) => {
             return fail(
-                ApiError::no_workers("no healthy decode workers available"),
+                ApiError::bad_request("invalid_json", m),
+                "prefill",
                 &req.request_id,
             );
-        };
-        let prefill_body = match prefill_body(&req.body) {
-            Ok(b) => b,
-            Err(m) => return fail(ApiError::bad_request("invalid_json", m), &req.request_id),
-        };
-        let mut tried = Vec::new();
-        let mut attempt = 0u32;
-        let mut last_err = None;
-        let mut request_id = req.request_id.clone();
-        let prefill_started = started;
-        let mut kv: Option<Bytes> = None;
-        let mut prefill_ok = false;
-        while attempt < self.retry.attempts {
-            let set = self.registry.snapshot();
-            let pcands = policy::candidates(&set, Role::Prefill, &tried);
-            let Some(choice) = policy::choose(
-                &pd.prefill,
-                &req,
-                Stage::Prefill,
-                &set,
-                &pcands,
-                &self.metrics,
-            ) else {
-                break;
-            };
-            let w = choice.worker.clone();
-            tried.push(w.id);
-            let Some(ticket) = w.breaker_admit() else {
-                continue;
-            };
-            if attempt > 0 {
-                self.metrics.retries.with_label_values(&[route]).inc();
-                tokio::time::sleep(self.retry.backoff(attempt - 1)).await;
-            }
-            attempt += 1;
-            request_id = pd_request_id(&pd.address_of(&w), &pd.address_of(&decode.worker));
-            let guard = w.start_request();
-            let t0 = Instant::now();
-            let r = self
-                .send_with(&req, &w, prefill_body.clone(), &request_id)
-                .await;
-            let outcome = match r {
-                Ok(resp) => {
-                    let status = resp.status();
-                    match resp.into_body().collect().await {
-                        Ok(b) if status.is_success() => Ok(b.to_bytes()),
-                        Ok(b) => Err((
-                            status,
-                            String::from_utf8_lossy(&b.to_bytes())
-                                .chars()
-                                .take(500)
-                                .collect::<String>(),
-                            false,
-                        )),
-                        Err(e) => Err((
-                            StatusCode::BAD_GATEWAY,
-                            format!("prefill response broke: {e}"),
-                            false,
-                        )),
-                    }
-                }
-                Err(e) => Err((StatusCode::BAD_GATEWAY, e.to_string(), e.is_connect())),
-            };
-            drop(guard);
-            self.metrics
-                .pd_stage_seconds
-                .with_label_values(&["prefill"])
-                .observe(t0.elapsed().as_secs_f64());
-            match outcome {
-                Ok(body) => {
-                    ticket.record(true);
-                    w.record_success(1);
-                    self.metrics
-                        .pd_stage_requests
-                        .with_label_values(&["prefill", "200"])
-                        .inc();
-                    kv = Some(body);
-                    prefill_ok = true;
-                    break;
-                }
-                Err((status, msg, hard)) => {
-                    ticket.record(status.as_u16() < 500);
-                    if status.is_server_error() {
-                        w.record_failure(hard, self.failure_threshold);
-                    }
-                    self.metrics
-                        .pd_stage_requests
-                        .with_label_values(&["prefill", status.as_str()])
-                        .inc();
-                    tracing::debug!(worker = %w.name(), %status, "prefill failed: {msg}");
-                    last_err = Some((status, msg));
-                    if !is_retryable(status) {
-                        break;
-                    }
-                }
-            }
         }
-        if !prefill_ok {
-            let e = match last_err {
-                None => ApiError::no_workers("no healthy prefill workers available"),
-                Some((status, msg)) if !is_retryable(status) && status.is_client_error() => {
-                    ApiError::new(
-                        status,
-                        "invalid_request_error",
-                        "prefill_rejected",
-                        format!("prefill worker refused the request: {msg}"),
-                    )
-                }
-                Some((status, msg)) => ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    "prefill_failed",
-                    format!(
-                        "prefill failed after {attempt} attempt(s) (last status {status}): {msg}"
-                    ),
-                ),
+    };
+    let decode_addr = pd.address_of(&decode.worker);
+    let ptarget = Target {
+        role: Role::Prefill,
+        stage: Stage::Prefill,
+        slot: Some(&pd.prefill),
+        shadows: false,
+    };
+    let rid = |w: &Worker| Some(pd_request_id(&pd.address_of(w), &decode_addr));
+    let prefill_started = Instant::now();
+    let sent = match fwd.drive(&req, &ptarget, &prefill_body, &rid).await {
+        Ok(s) => s,
+        Err(e) if e.code == "no_healthy_workers" => {
+            let e = if e.message.starts_with("no healthy workers") {
+                ApiError::no_workers("no healthy prefill workers available")
+            } else {
+                e
             };
-            return fail(e, &request_id);
+            return fail(e, "prefill", &req.request_id);
         }
-        let prefill_resp = kv.unwrap_or_default();
-        let kv_raw = serde_json::from_slice::<PrefillAnswer<'_>>(&prefill_resp)
-            .ok()
-            .and_then(|a| a.kv_transfer_params)
-            .filter(|r| r.get() != "null");
-        let body = match decode_body(&req.body, kv_raw) {
-            Ok(b) => b,
-            Err(m) => return fail(ApiError::bad_request("invalid_json", m), &request_id),
+        Err(e) => {
+            let e = ApiError::new(
+                e.status.max(StatusCode::BAD_GATEWAY),
+                "upstream_error",
+                "prefill_failed",
+                format!("prefill failed: {}", e.message),
+            );
+            return fail(e, "prefill", &req.request_id);
+        }
+    };
+    let request_id = sent.request_id.clone();
+    let status = sent.resp.status();
+    let attempts = sent.attempt.number;
+    let (parts_ok, body) = match sent.resp.into_body().collect().await {
+        Ok(b) => (true, b.to_bytes()),
+        Err(e) => (false, Bytes::from(format!("prefill response broke: {e}"))),
+    };
+    fwd.settle(
+        sent.attempt,
+        if parts_ok {
+            Outcome::Answered(status)
+        } else {
+            Outcome::StreamFailed(status)
+        },
+        None,
+        true,
+    );
+    fwd.metrics
+        .pd_stage_seconds
+        .with_label_values(&["prefill"])
+        .observe(prefill_started.elapsed().as_secs_f64());
+    if !(parts_ok && status.is_success()) {
+        let msg: String = String::from_utf8_lossy(&body).chars().take(500).collect();
+        tracing::debug!(%status, request_id = %request_id, "prefill failed: {msg}");
+        let e = if parts_ok && status.is_client_error() && !is_retryable(status) {
+            ApiError::new(
+                status,
+                "invalid_request_error",
+                "prefill_rejected",
+                format!("prefill worker refused the request: {msg}"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "prefill_failed",
+                format!("prefill failed after {attempts} attempt(s) (last status {status}): {msg}"),
+            )
         };
-        // Decode: one attempt on the chosen worker, streamed to the client.
-        let dw = decode.worker.clone();
-        let Some(ticket) = dw.breaker_admit() else {
+        return fail(e, "prefill", &request_id);
+    }
+    let kv_raw = serde_json::from_slice::<PrefillAnswer<'_>>(&body)
+        .ok()
+        .and_then(|a| a.kv_transfer_params)
+        .filter(|r| r.get() != "null");
+    let dbody = match decode_body(&req.body, kv_raw) {
+        Ok(b) => b,
+        Err(m) => {
             return fail(
-                ApiError::no_workers("decode worker's circuit breaker is open"),
+                ApiError::bad_request("invalid_json", m),
+                "decode",
                 &request_id,
             );
-        };
-        let guard = dw.start_request();
-        let sent = Instant::now();
-        match self.send_with(&req, &dw, body, &request_id).await {
-            Ok(resp) => {
-                let status = resp.status();
-                self.metrics
-                    .pd_stage_requests
-                    .with_label_values(&["decode", status.as_str()])
-                    .inc();
-                let ticket = if status.is_server_error() {
-                    ticket.record(false);
-                    None
-                } else {
-                    Some(ticket)
-                };
-                let _ = prefill_started;
-                let mut out = self.respond(
-                    req, resp, decode, guard, ticket, admission, started, sent, true,
-                );
-                set_request_id(out.headers_mut(), &request_id);
-                out
-            }
-            Err(e) => {
-                ticket.record(false);
-                dw.record_failure(false, self.failure_threshold);
-                self.metrics
-                    .pd_stage_requests
-                    .with_label_values(&["decode", "502"])
-                    .inc();
-                let e = ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream_error",
-                    "decode_failed",
-                    format!("decode worker {} failed: {e}", dw.url),
-                );
-                self.finish_error(route, "decode", &e, started);
-                let mut r = axum::response::IntoResponse::into_response(e);
-                set_request_id(r.headers_mut(), &request_id);
-                r
-            }
+        }
+    };
+    // Decode: one attempt on the chosen worker, streamed to the client. Not retried
+    // elsewhere: the KV cache was handed to that worker.
+    let dw = decode.worker.clone();
+    let Some(ticket) = dw.breaker_admit() else {
+        return fail(
+            ApiError::no_workers("decode worker's circuit breaker is open"),
+            "decode",
+            &request_id,
+        );
+    };
+    let attempt = Attempt {
+        choice: decode,
+        guard: dw.start_request(),
+        ticket,
+        sent: Instant::now(),
+        number: 1,
+    };
+    match fwd.send(&req, &dw, dbody, &request_id).await {
+        Ok(resp) => {
+            let sent = Sent {
+                resp,
+                attempt,
+                request_id,
+            };
+            body::respond(
+                fwd.clone(),
+                &req,
+                sent,
+                admission,
+                started,
+                Some(prefill_started),
+            )
+        }
+        Err(e) => {
+            fwd.settle(attempt, Outcome::Transport(e.kind()), None, true);
+            let e = ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "decode_failed",
+                format!("decode worker {} failed: {e}", dw.url),
+            );
+            fail(e, "decode", &request_id)
         }
     }
 }

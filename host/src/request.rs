@@ -143,3 +143,29 @@ impl RequestInfo {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
+
+/// What a policy may read of a request (the runtime crate knows no HTTP; this is the
+/// bridge).
+impl vllm_router_runtime::RequestView for RequestInfo {
+    fn path(&self) -> &str {
+        &self.path
+    }
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        RequestInfo::header(self, name)
+    }
+    fn body_field(&self, path: &str) -> Option<String> {
+        RequestInfo::body_field(self, path)
+    }
+    fn routing_text(&self) -> &str {
+        RequestInfo::routing_text(self)
+    }
+    fn body_length(&self) -> u64 {
+        self.body.len() as u64
+    }
+    fn request_id(&self) -> &str {
+        &self.request_id
+    }
+}

@@ -1,8 +1,9 @@
 //! HTTP front end: OpenAI-compatible routes, health/readiness, and the catch-all proxy.
 
 use crate::error::ApiError;
+use crate::forward::{Forwarder, set_request_id};
 use crate::metrics::route_label;
-use crate::proxy::{Proxy, Selector, set_request_id};
+use crate::pd::Pd;
 use crate::request::{BodyError, RequestInfo};
 use axum::Router;
 use axum::extract::{Request, State};
@@ -20,13 +21,17 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Everything the handlers share.
 pub struct AppState {
     /// The forwarding core.
-    pub proxy: Arc<Proxy>,
+    pub fwd: Arc<Forwarder>,
+    /// Prefill/decode mode (`--vllm-pd-disaggregation`): its slots and discovery data.
+    pub pd: Option<Arc<Pd>>,
     /// `--request-id-headers`, lower-cased.
     pub request_id_headers: Vec<http::HeaderName>,
     /// `--max-payload-size`, bytes.
     pub max_payload: usize,
     /// `--max-concurrent-requests` with its queue.
     pub admission: Admission,
+    /// Client for scraping workers' `/metrics` (fleet metrics on `GET /metrics`).
+    pub probe: crate::health::ProbeClient,
 }
 
 /// Admission control: at most `limit` generation requests in flight (held until the
@@ -104,6 +109,7 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/readiness", get(readiness))
         .route("/v1/models", get(models))
         .route("/list_workers", get(list_workers))
+        .route("/metrics", get(fleet_metrics))
         .fallback(proxy_any)
         .with_state(state)
 }
@@ -117,13 +123,13 @@ async fn liveness() -> impl IntoResponse {
 }
 
 fn counts(st: &AppState) -> (usize, usize, Vec<String>) {
-    let set = st.proxy.registry.snapshot();
+    let set = st.fwd.registry.snapshot();
     let total = set.workers.len();
     let unhealthy: Vec<String> = set
         .workers
         .iter()
         .filter(|w| !w.is_healthy())
-        .map(|w| w.name())
+        .map(|w| w.name().to_string())
         .collect();
     (total - unhealthy.len(), total, unhealthy)
 }
@@ -172,19 +178,19 @@ async fn readiness(State(st): State<Arc<AppState>>) -> Response {
 
 /// `/list_workers`: `{"urls": [...]}` (vllm-project/router compatible).
 async fn list_workers(State(st): State<Arc<AppState>>) -> Response {
-    let set = st.proxy.registry.snapshot();
-    let urls: Vec<String> = set.workers.iter().map(|w| w.name()).collect();
+    let set = st.fwd.registry.snapshot();
+    let urls: Vec<String> = set.workers.iter().map(|w| w.name().to_string()).collect();
     axum::Json(serde_json::json!({"urls": urls})).into_response()
 }
 
 /// `/v1/models`: forwarded to the least-loaded healthy worker (not the first registered
 /// one, which may be down).
 async fn models(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    handle(st, req, Selector::LeastLoaded).await
+    handle(st, req, false).await
 }
 
 async fn proxy_any(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    handle(st, req, Selector::Policy).await
+    handle(st, req, true).await
 }
 
 fn request_id(st: &AppState, headers: &HeaderMap, path: &str) -> (String, bool) {
@@ -223,7 +229,9 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
     }
 }
 
-async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
+/// Validate a request, admit it, and hand it to the PD flow or the forwarding core.
+/// `policy`: whether the policy slots decide (`false`: least in-flight, info routes).
+async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
@@ -240,7 +248,7 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
         .map(|(k, v)| k.as_str().len() + v.len())
         .sum();
     let fail = |e: ApiError| {
-        st.proxy.finish_error(route, "none", &e, started);
+        st.fwd.finish_error(route, "none", &e, started);
         let mut r = e.into_response();
         set_request_id(r.headers_mut(), &rid);
         r
@@ -290,7 +298,7 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
         }
     };
 
-    let generation = parts.method == Method::POST && !matches!(sel, Selector::LeastLoaded);
+    let generation = parts.method == Method::POST && policy;
     let mut info = if generation {
         if !is_json_content_type(&parts.headers) {
             return fail(ApiError::new(
@@ -342,13 +350,13 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
         match st.admission.admit().await {
             Ok(p) => Some(p),
             Err((code, msg)) => {
-                st.proxy
+                st.fwd
                     .metrics
                     .admission_rejections
                     .with_label_values(&[code])
                     .inc();
                 let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, msg);
-                st.proxy.finish_error(route, "none", &e, started);
+                st.fwd.finish_error(route, "none", &e, started);
                 let mut r = e.into_response();
                 set_request_id(r.headers_mut(), &info.request_id);
                 r.headers_mut()
@@ -359,21 +367,68 @@ async fn handle(st: Arc<AppState>, req: Request, sel: Selector) -> Response {
     } else {
         None
     };
-    if let (Some(pd), true) = (
-        &st.proxy.pd,
-        generation && crate::pd::is_generation(&info.path),
-    ) {
-        return st.proxy.forward_pd(pd, Arc::new(info), permit).await;
+    if let (Some(pd), true) = (&st.pd, generation && crate::pd::is_generation(&info.path)) {
+        return crate::pd::serve(&st.fwd, pd, Arc::new(info), permit).await;
     }
-    st.proxy.forward(Arc::new(info), sel, permit).await
+    st.fwd.forward(Arc::new(info), policy, permit).await
 }
 
 /// Workers of a role that are healthy, for logs.
 pub fn healthy_count(st: &AppState, role: Role) -> usize {
-    st.proxy
+    st.fwd
         .registry
         .snapshot()
         .with_role(role)
         .filter(|w| w.is_healthy())
         .count()
+}
+
+/// `GET /metrics`: the fleet's vLLM metrics, summed over the workers (see
+/// [`crate::fleet`]). The router's own metrics are on `--prometheus-port`.
+async fn fleet_metrics(State(st): State<Arc<AppState>>) -> Response {
+    let set = st.fwd.registry.snapshot();
+    let mut urls: Vec<&str> = set.workers.iter().map(|w| w.url.as_str()).collect();
+    urls.sort_unstable();
+    urls.dedup();
+    let scrape = |url: &str| {
+        let client = st.probe.clone();
+        let uri = format!("{url}/metrics");
+        async move {
+            let uri: http::Uri = uri.parse().ok()?;
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
+                .await
+                .ok()?
+                .ok()?;
+            if !r.status().is_success() {
+                return None;
+            }
+            let body = http_body_util::BodyExt::collect(r.into_body()).await.ok()?;
+            String::from_utf8(body.to_bytes().to_vec()).ok()
+        }
+    };
+    let texts = futures_util::future::join_all(urls.iter().map(|u| scrape(u))).await;
+    let missing: Vec<&str> = urls
+        .iter()
+        .zip(&texts)
+        .filter(|(_, t)| t.is_none())
+        .map(|(u, _)| *u)
+        .collect();
+    let ok: Vec<&str> = texts.iter().flatten().map(String::as_str).collect();
+    let mut body = format!(
+        "# vllm-router: fleet metrics summed over {} of {} workers{}\n",
+        ok.len(),
+        urls.len(),
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (no answer: {})", missing.join(", "))
+        }
+    );
+    body.push_str(&crate::fleet::merge(&ok));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        body,
+    )
+        .into_response()
 }

@@ -1,21 +1,4 @@
-//! Small shared helpers.
+//! Small shared helpers: the router's monotonic clock lives in the policy runtime crate
+//! (policies read the same clock) and is re-exported here.
 
-use std::sync::OnceLock;
-use std::time::Instant;
-
-static START: OnceLock<Instant> = OnceLock::new();
-
-/// Mark the router's start (first call wins).
-pub fn mark_start() {
-    START.get_or_init(Instant::now);
-}
-
-/// Milliseconds since the router started (monotonic).
-pub fn uptime_ms() -> u64 {
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
-/// Nanoseconds since the router started (monotonic).
-pub fn uptime_ns() -> u64 {
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
+pub use vllm_router_runtime::clock::{mark_start, uptime_ms, uptime_ns};

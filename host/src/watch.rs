@@ -1,27 +1,39 @@
 //! Hot swap on file change: watch the directories of file-backed policy slots (so both
 //! in-place writes and atomic renames are seen), debounce, and reload the slots whose
 //! file changed. A reload validates fully before publishing (see
-//! [`crate::policy::PolicySlot::reload`]); a half-written file fails validation, keeps the
-//! last good version serving, and is retried on the next event for the file.
+//! [`crate::policy::slots::SlotLoader::reload`]); a half-written file fails validation,
+//! keeps the last good version serving, and is retried on the next event for the file.
+//!
+//! Only events that can change a file's content count (create, modify, rename, remove,
+//! close-after-write). Access events are ignored: the router reads the file on every
+//! reload, and reacting to its own reads made it re-read the policy ~49 times a second
+//! after the first swap.
 
-use crate::metrics::Metrics;
-use crate::policy::{PolicyEngine, PolicySlot};
-use crate::workers::Registry;
-use notify::RecursiveMode;
-use notify_debouncer_mini::{DebounceEventResult, new_debouncer};
+use crate::policy::PolicySlots;
+use crate::policy::slots::SlotLoader;
+use notify::event::{AccessKind, AccessMode, EventKind};
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
-
-/// Finds the slots loaded from a path (slots may be added at run time by the admin API).
-pub type SlotLookup = Arc<dyn Fn(&Path) -> Vec<Arc<PolicySlot>> + Send + Sync>;
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 /// The running watcher; dropping it stops watching.
 pub struct PolicyWatcher {
-    debouncer: Mutex<notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>>,
+    watcher: Mutex<RecommendedWatcher>,
     dirs: Mutex<HashSet<PathBuf>>,
+}
+
+/// Whether a file event can mean new content.
+pub fn changes_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) => true,
+        EventKind::Any | EventKind::Other => true,
+    }
 }
 
 fn canonical_dir(file: &Path) -> PathBuf {
@@ -42,38 +54,52 @@ pub fn canonical_file(file: &Path) -> PathBuf {
 
 impl PolicyWatcher {
     /// Start watching; file events are handled on a dedicated thread (compiling a
-    /// component takes tens of milliseconds and must stay off the request path).
+    /// component takes tens of milliseconds and must stay off the request path). Events
+    /// for a path are debounced: the reload runs once no content event arrived for
+    /// `debounce`.
     pub fn start(
         debounce: Duration,
-        lookup: SlotLookup,
-        engine: Arc<PolicyEngine>,
-        registry: Arc<Registry>,
-        metrics: Arc<Metrics>,
+        slots: Arc<PolicySlots>,
+        loader: Arc<SlotLoader>,
     ) -> anyhow::Result<Arc<Self>> {
-        let (tx, rx) = std::sync::mpsc::channel::<DebounceEventResult>();
-        let debouncer = new_debouncer(debounce, tx)?;
+        let (tx, rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
+        let watcher = notify::recommended_watcher(tx)?;
         std::thread::Builder::new()
             .name("policy-watch".into())
             .spawn(move || {
-                for res in rx {
-                    let events = match res {
-                        Ok(ev) => ev,
-                        Err(e) => {
-                            tracing::warn!("policy file watch error: {e}");
-                            continue;
-                        }
+                let mut pending: HashSet<PathBuf> = HashSet::new();
+                let mut last_event = Instant::now();
+                loop {
+                    let wait = if pending.is_empty() {
+                        Duration::from_secs(3600)
+                    } else {
+                        debounce.saturating_sub(last_event.elapsed())
                     };
-                    let paths: HashSet<PathBuf> = events.into_iter().map(|e| e.path).collect();
-                    for path in paths {
-                        for slot in lookup(&path) {
-                            // Errors are logged, counted and recorded by `reload`.
-                            let _ = slot.reload(&engine, &registry, &metrics, None, None);
+                    match rx.recv_timeout(wait) {
+                        Ok(Ok(ev)) => {
+                            if changes_content(&ev.kind) {
+                                pending.extend(ev.paths);
+                                last_event = Instant::now();
+                            }
                         }
+                        Ok(Err(e)) => tracing::warn!("policy file watch error: {e}"),
+                        Err(RecvTimeoutError::Timeout) => {
+                            if pending.is_empty() || last_event.elapsed() < debounce {
+                                continue;
+                            }
+                            for path in pending.drain() {
+                                for slot in slots.loaded_from(&path) {
+                                    // Errors are logged, counted and recorded by `reload`.
+                                    let _ = loader.reload(&slot, None, None);
+                                }
+                            }
+                        }
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }
             })?;
         Ok(Arc::new(PolicyWatcher {
-            debouncer: Mutex::new(debouncer),
+            watcher: Mutex::new(watcher),
             dirs: Mutex::new(HashSet::new()),
         }))
     }
@@ -82,13 +108,34 @@ impl PolicyWatcher {
     pub fn watch(&self, file: &Path) -> anyhow::Result<()> {
         let dir = canonical_dir(file);
         if self.dirs.lock().insert(dir.clone()) {
-            self.debouncer
+            self.watcher
                 .lock()
-                .watcher()
                 .watch(&dir, RecursiveMode::NonRecursive)
                 .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
             tracing::info!("watching {} for policy changes", dir.display());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind};
+
+    #[test]
+    fn reads_are_not_changes() {
+        assert!(!changes_content(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(!changes_content(&EventKind::Access(AccessKind::Read)));
+        assert!(changes_content(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes_content(&EventKind::Modify(ModifyKind::Any)));
+        assert!(changes_content(&EventKind::Create(CreateKind::File)));
     }
 }

@@ -23,6 +23,11 @@ pub struct Worker {
     pub role: Role,
     /// Data-parallel rank, sent upstream as `X-data-parallel-rank`.
     pub dp_rank: Option<u32>,
+    /// Labels from service discovery (`key`, `value`), passed to policies in
+    /// `workers-changed`; empty for workers from flags or the admin API.
+    pub labels: Vec<(String, String)>,
+    /// `url` or `url@rank`: the worker label of every metric.
+    name: String,
     /// Requests dispatched and not finished (streams until their last byte).
     in_flight: AtomicU32,
     healthy: AtomicBool,
@@ -61,12 +66,18 @@ impl Worker {
             .authority()
             .cloned()
             .ok_or_else(|| format!("worker URL {url} has no host"))?;
+        let name = match dp_rank {
+            Some(r) => format!("{url}@{r}"),
+            None => url.clone(),
+        };
         Ok(Worker {
             id,
             url,
             authority,
             role,
             dp_rank,
+            labels: Vec::new(),
+            name,
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             fail_streak: AtomicU32::new(0),
@@ -78,12 +89,9 @@ impl Worker {
         })
     }
 
-    /// Display name: `url` or `url@rank`; used as the metrics label.
-    pub fn name(&self) -> String {
-        match self.dp_rank {
-            Some(r) => format!("{}@{}", self.url, r),
-            None => self.url.clone(),
-        }
+    /// Display name: `url` or `url@rank`; the `worker` label of every metric.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Requests in flight on this worker.
@@ -130,7 +138,7 @@ impl Worker {
                 }
             }
             if let Some(hook) = self.cb.on_transition.get() {
-                hook(&self.name(), t);
+                hook(self.name(), t);
             }
         }
     }
@@ -169,9 +177,16 @@ impl Worker {
         InFlight(self.clone())
     }
 
-    /// Record a passive failure (connect error, 5xx): marks the worker unhealthy at once
-    /// when the failure is a connection error (`hard`), else counts toward the threshold.
-    /// Returns true when this call turned it unhealthy.
+    /// Mark the worker unhealthy now (a connection to it failed: nothing listens).
+    /// Returns true when this call turned it unhealthy. Health probes bring it back.
+    pub fn mark_down(&self) -> bool {
+        self.record_failure(true, 1)
+    }
+
+    /// Record a failed health observation: marks the worker unhealthy at once when
+    /// `hard` (nothing answered), else counts toward `threshold`. Returns true when this
+    /// call turned it unhealthy. (Request outcomes other than connection failures go to
+    /// the circuit breaker, not here.)
     pub fn record_failure(&self, hard: bool, threshold: u32) -> bool {
         self.ok_streak.store(0, Ordering::Relaxed);
         let n = self.fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
@@ -181,7 +196,7 @@ impl Worker {
         false
     }
 
-    /// Record a success (probe or response). Returns true when this call turned an
+    /// Record a successful probe. Returns true when this call turned an
     /// unhealthy worker healthy (after `threshold` consecutive successes).
     pub fn record_success(&self, threshold: u32) -> bool {
         self.fail_streak.store(0, Ordering::Relaxed);
@@ -268,13 +283,25 @@ impl WorkerSet {
     }
 }
 
+/// Called with each newly published worker set.
+pub type PublishHook = Box<dyn Fn(&Arc<WorkerSet>) + Send + Sync>;
+
 /// The registry: a swappable snapshot plus id allocation.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Registry {
     set: ArcSwap<WorkerSet>,
     next_id: AtomicU32,
     generation: AtomicU64,
     cb: Arc<BreakerShared>,
+    on_publish: std::sync::OnceLock<PublishHook>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("generation", &self.generation)
+            .finish()
+    }
 }
 
 impl Registry {
@@ -284,6 +311,12 @@ impl Registry {
             cb,
             ..Default::default()
         }
+    }
+
+    /// Set the hook told about every published set (once; later calls are ignored).
+    /// The policy layer uses it to push `workers-changed` off the request path.
+    pub fn on_publish(&self, hook: PublishHook) {
+        let _ = self.on_publish.set(hook);
     }
 
     /// Current snapshot.
@@ -350,10 +383,14 @@ impl Registry {
     fn publish(&self, mut workers: Vec<Arc<Worker>>) {
         workers.sort_by_key(|w| w.id);
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        self.set.store(Arc::new(WorkerSet {
+        let set = Arc::new(WorkerSet {
             workers,
             generation,
-        }));
+        });
+        self.set.store(set.clone());
+        if let Some(hook) = self.on_publish.get() {
+            hook(&set);
+        }
     }
 }
 

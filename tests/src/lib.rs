@@ -54,12 +54,24 @@ pub struct Proc {
     pub port: u16,
     /// Extra port (the router's metrics port), 0 if none.
     pub metrics_port: u16,
+    /// The router's log lines so far (empty for simulators).
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Proc {
     /// Base URL, `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+    /// Log lines containing `needle`.
+    pub fn log_matching(&self, needle: &str) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
     }
     /// OS process id.
     pub fn pid(&self) -> u32 {
@@ -121,6 +133,7 @@ pub fn start_sim(worker_id: &str, extra: &[&str]) -> Proc {
         child: Some(child),
         port,
         metrics_port: 0,
+        log: Default::default(),
     }
 }
 
@@ -129,36 +142,73 @@ pub fn start_sims(n: usize, extra: &[&str]) -> Vec<Proc> {
     (0..n).map(|i| start_sim(&format!("w{i}"), extra)).collect()
 }
 
-/// Start the router over `workers` with extra flags; returns once `/liveness` answers.
+/// Start the router over `workers` with extra flags on `--port 0`; returns once it
+/// logged the address it bound (`vllm-router listening on http://ADDR`), so there is no
+/// bind-then-release race for the serving port. (The metrics port, where `0` means
+/// "off", is still a free port found by binding.) The router's log (stdout) is kept in
+/// [`Proc::log`]; lines above INFO are echoed to this process's stderr.
 pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
-    let port = free_port();
-    let metrics_port = free_port();
     let mut cmd = Command::new(bin("vllm-router"));
-    cmd.args([
-        "--port",
-        &port.to_string(),
-        "--prometheus-port",
-        &metrics_port.to_string(),
-        "--log-level",
-        "warn",
-    ]);
+    let with_metrics = !extra.windows(2).any(|w| w[0] == "--prometheus-port");
+    cmd.args(["--port", "0", "--log-level", "warn,vllm_router::app=info"]);
+    if with_metrics {
+        cmd.args(["--prometheus-port", &free_port().to_string()]);
+    }
     if !workers.is_empty() {
         cmd.arg("--worker-urls").args(workers);
     }
-    let child = cmd
+    let mut child = cmd
         .args(extra)
-        .stdout(Stdio::inherit())
+        .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn vllm-router");
+    let stderr = child.stdout.take().expect("router stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<(u16, u16)>();
+    let log: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut metrics_port = 0u16;
+        let mut sent = false;
+        let port_after = |line: &str, marker: &str| -> Option<u16> {
+            let rest = &line[line.find(marker)? + marker.len()..];
+            let addr: String = rest
+                .chars()
+                .take_while(|c| !c.is_whitespace() && *c != '/')
+                .collect();
+            addr.rsplit(':').next()?.parse().ok()
+        };
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(p) = port_after(&line, "metrics on http://") {
+                    metrics_port = p;
+                }
+                if let Some(p) = port_after(&line, "vllm-router listening on http://") {
+                    let _ = tx.send((p, metrics_port));
+                    sent = true;
+                }
+            }
+            if !line.contains(" INFO ") {
+                eprintln!("{line}");
+            }
+            let mut l = log2.lock().unwrap();
+            if l.len() < 100_000 {
+                l.push(line);
+            }
+        }
+    });
     let mut p = Proc {
         child: Some(child),
-        port,
-        metrics_port,
+        port: 0,
+        metrics_port: 0,
+        log,
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if let Ok((port, metrics_port)) = rx.recv_timeout(Duration::from_millis(20)) {
+            p.port = port;
+            p.metrics_port = metrics_port;
             return p;
         }
         if let Some(c) = p.child.as_mut() {
@@ -168,9 +218,8 @@ pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
         }
         assert!(
             Instant::now() < deadline,
-            "router did not start within 20 s"
+            "router did not start within 30 s"
         );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -157,16 +157,7 @@ async fn prefill_503_is_retried_and_a_final_failure_never_calls_decode() {
         start_sim("p1", &["--role", "prefill"]),
     ];
     let decodes = vec![start_sim("d0", &["--role", "decode"])];
-    let router = pd_router(
-        &prefills,
-        &decodes,
-        &[
-            "--policy",
-            "round_robin",
-            "--health-failure-threshold",
-            "100",
-        ],
-    );
+    let router = pd_router(&prefills, &decodes, &["--policy", "round_robin"]);
     let c = client();
     let url = format!("{}/v1/completions", router.url());
     set_sim(&prefills[0], json!({"fail_status": 503})).await;
@@ -367,7 +358,12 @@ async fn data_parallel_ranks_are_workers_with_their_own_header() {
                 .to_string()
         })
         .collect();
-    assert_eq!(ranks, ["0", "1", "2", "0", "1", "2"]);
+    // Round robin over the three ranks; where the rotation starts is not fixed (a
+    // version's first select is the router's load-time smoke test).
+    let mut first: Vec<&str> = ranks[..3].iter().map(String::as_str).collect();
+    first.sort_unstable();
+    assert_eq!(first, ["0", "1", "2"], "{ranks:?}");
+    assert_eq!(ranks[..3], ranks[3..], "{ranks:?}");
     let l: Value = get_json(&c, &format!("{}/list_workers", router.url())).await;
     assert_eq!(l["urls"].as_array().unwrap().len(), 3);
     assert!(l["urls"][2].as_str().unwrap().ends_with("@2"));

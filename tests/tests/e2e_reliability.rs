@@ -16,6 +16,9 @@ fn completion() -> Value {
     json!({"model": "sim-model", "prompt": "x", "max_tokens": 1})
 }
 
+/// With the default health settings: request failures belong to the breaker alone (before,
+/// passive health counted the same 5xx with threshold 3 and ejected the worker first, so
+/// this test had to pass `--health-failure-threshold 1000` to see the breaker at all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_half_opens_with_bounded_probes_and_closes() {
     let sims = start_sims(2, &[]);
@@ -30,8 +33,6 @@ async fn breaker_opens_half_opens_with_bounded_probes_and_closes() {
             "2",
             "--cb-timeout-duration-secs",
             "1",
-            "--health-failure-threshold",
-            "1000",
             "--engine-metrics-interval-ms",
             "0",
         ],
@@ -173,7 +174,6 @@ async fn hostile_policies_never_fail_a_request() {
         ("panic", "trap"),
         ("trap", "trap"),
         ("bad_id", "bad_answer"),
-        ("decline", "declined"),
     ] {
         let cfg = format!(r#"{{"mode":"{mode}"}}"#);
         let router = start_router(
@@ -222,6 +222,51 @@ async fn hostile_policies_never_fail_a_request() {
             metric_sum(&m, "vllm_router_policy_quarantines_total", &[]),
             1.0,
             "mode {mode}: quarantine"
+        );
+    }
+    // `decision::none` is a decline, as wit/policy.wit says ("refuse to choose; the
+    // router falls back"), not a fault: the fallback routes every request, nothing is
+    // counted as a failure and the version is never quarantined (before, five declines
+    // in 10 s quarantined it).
+    {
+        let router = start_router(
+            &urls(&sims),
+            &[
+                "--policy-wasm",
+                hostile.to_str().unwrap(),
+                "--policy-config",
+                r#"{"mode":"decline"}"#,
+                "--no-watch",
+            ],
+        );
+        for i in 0..12 {
+            let r = post_json(
+                &c,
+                &format!("{}/v1/chat/completions", router.url()),
+                &[],
+                &chat_body(&format!("{i}"), false),
+            )
+            .await;
+            assert_eq!(r.status(), 200);
+        }
+        let m = router_metrics(&router).await;
+        assert_eq!(
+            metric_sum(&m, "vllm_router_policy_failures_total", &[]),
+            0.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric_sum(
+                &m,
+                "vllm_router_policy_fallbacks_total",
+                &["reason=\"declined\""]
+            ),
+            12.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric_sum(&m, "vllm_router_policy_quarantines_total", &[]),
+            0.0
         );
     }
     // A policy whose init never returns is refused at startup with a clear error.

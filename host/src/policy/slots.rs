@@ -1,6 +1,9 @@
 //! Named policy slots: where a policy version comes from (built-in or file), how it is
 //! (re)loaded safely, and how requests are split between A/B arms and shadow slots.
 //!
+//! Where a policy file becomes the serving version: [`SlotLoader`] — the one loader used
+//! by startup, the file watcher and the admin API.
+//!
 //! Loading or replacing a slot never disturbs serving: the new version is compiled,
 //! instantiated, `init`-ed with the slot's config and smoke-tested with one `select` on
 //! the current worker snapshot **before** it is published with one atomic pointer swap;
@@ -10,10 +13,11 @@
 //! place and is recorded as the slot's last reload result.
 
 use super::builtin;
-use super::runtime::{PolicyEngine, PolicyVersion, Stage};
+use super::sync::worker_infos;
+use super::{PolicyEngine, PolicyVersion, Stage};
 use crate::metrics::Metrics;
 use crate::request::RequestInfo;
-use crate::workers::{Registry, WorkerSet};
+use crate::workers::Registry;
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -126,6 +130,7 @@ fn read_source(source: &PolicySource) -> anyhow::Result<Loaded> {
     })
 }
 
+/// The synthetic request of the load-time smoke test (request id `smoke-test`).
 fn smoke_request() -> Arc<RequestInfo> {
     let body = bytes::Bytes::from_static(
         br#"{"model":"smoke-test","messages":[{"role":"user","content":"router smoke test"}]}"#,
@@ -142,74 +147,184 @@ fn smoke_request() -> Arc<RequestInfo> {
     Arc::new(info)
 }
 
-/// Build and validate a version from `spec`: read, check the optional sha256 pin,
-/// compile, instantiate, `init`, then one `select` over the workers of `role` in `set`
-/// (all of them, healthy or not; skipped when there are none). The error says which step
-/// failed.
-pub fn build_version(
-    engine: &Arc<PolicyEngine>,
-    spec: &SlotSpec,
-    pin_sha256: Option<&str>,
-    role: Role,
-    set: &WorkerSet,
-) -> anyhow::Result<Arc<PolicyVersion>> {
-    build_from(
-        engine,
-        spec,
-        &read_source(&spec.source)?,
-        pin_sha256,
-        role,
-        set,
-    )
+/// Builds, validates and publishes policy versions; shared by startup, the file
+/// watcher and the admin API, so a slot is loaded the same way from all three.
+pub struct SlotLoader {
+    /// The wasmtime engine.
+    pub engine: Arc<PolicyEngine>,
+    /// Workers (a new version is told the current set and smoke-tested on it).
+    pub registry: Arc<Registry>,
+    /// Metrics (reload results, policy info, slot weights).
+    pub metrics: Arc<Metrics>,
 }
 
-/// [`build_version`] for bytes already read.
-fn build_from(
-    engine: &Arc<PolicyEngine>,
-    spec: &SlotSpec,
-    src: &Loaded,
-    pin_sha256: Option<&str>,
-    role: Role,
-    set: &WorkerSet,
-) -> anyhow::Result<Arc<PolicyVersion>> {
-    if src.bytes.is_empty() {
-        anyhow::bail!("{} is empty", spec.source);
+impl SlotLoader {
+    /// Build and validate a version from `spec`: read, check the optional sha256 pin,
+    /// compile, instantiate, `init` (once), `workers-changed` with the current set, then
+    /// one smoke-test `select` (request id `smoke-test`) over the workers of `role`
+    /// (skipped when there are none). The same instance then serves. The error says
+    /// which step failed.
+    pub fn build(
+        &self,
+        spec: &SlotSpec,
+        pin_sha256: Option<&str>,
+        role: Role,
+    ) -> anyhow::Result<Arc<PolicyVersion>> {
+        self.build_from(spec, &read_source(&spec.source)?, pin_sha256, role)
     }
-    if let Some(pin) = pin_sha256 {
-        if !src.sha256.eq_ignore_ascii_case(pin) {
-            anyhow::bail!("sha256 mismatch: file has {}, pinned {pin}", src.sha256);
+
+    fn build_from(
+        &self,
+        spec: &SlotSpec,
+        src: &Loaded,
+        pin_sha256: Option<&str>,
+        role: Role,
+    ) -> anyhow::Result<Arc<PolicyVersion>> {
+        if src.bytes.is_empty() {
+            anyhow::bail!("{} is empty", spec.source);
+        }
+        if let Some(pin) = pin_sha256 {
+            if !src.sha256.eq_ignore_ascii_case(pin) {
+                anyhow::bail!("sha256 mismatch: file has {}, pinned {pin}", src.sha256);
+            }
+        }
+        let set = self.registry.snapshot();
+        let version = self.engine.load(
+            &src.name,
+            &spec.source.to_string(),
+            &src.bytes,
+            &src.sha256,
+            &spec.config,
+            set.generation,
+            &worker_infos(&set),
+        )?;
+        let cands: Vec<Candidate> = set
+            .workers
+            .iter()
+            .filter(|w| w.role == role)
+            .map(|w| Candidate {
+                id: w.id,
+                in_flight: w.in_flight(),
+                engine: None,
+            })
+            .collect();
+        if !cands.is_empty() {
+            let stage = match role {
+                Role::Regular => Stage::Regular,
+                Role::Prefill => Stage::Prefill,
+                Role::Decode => Stage::Decode,
+            };
+            match version.select(smoke_request(), stage, set.generation, &cands) {
+                Ok(_) | Err(super::NoChoice::Declined(_)) => {}
+                Err(super::NoChoice::Syncing) => {
+                    // The set changed while loading; the sync pushes the new one.
+                }
+                Err(super::NoChoice::Fault(f)) => {
+                    anyhow::bail!("smoke-test select failed: {f}")
+                }
+            }
+        }
+        Ok(version)
+    }
+
+    /// Build a new slot serving `spec` (startup and the admin API).
+    pub fn new_slot(
+        &self,
+        name: &str,
+        role: Role,
+        spec: SlotSpec,
+        weight: u32,
+        shadow: bool,
+        pin_sha256: Option<&str>,
+    ) -> anyhow::Result<Arc<PolicySlot>> {
+        let v = self
+            .build(&spec, pin_sha256, role)
+            .map_err(|e| anyhow::anyhow!("policy slot '{name}' ({}): {e:#}", spec.source))?;
+        tracing::info!(slot = %name, policy = %v.label, source = %v.source, weight, shadow, "policy loaded");
+        self.metrics.set_policy_info(name, None, &v);
+        if !shadow {
+            self.metrics
+                .slot_weight
+                .with_label_values(&[name])
+                .set(weight as i64);
+        }
+        Ok(Arc::new(PolicySlot::new(
+            name, role, spec, v, weight, shadow,
+        )))
+    }
+
+    /// Load `spec` (or the slot's current spec when `None`) into `slot` and publish it
+    /// if it validates. Skips (`Ok(false)`) when the bytes are identical to the serving
+    /// version's and the config did not change. On failure nothing changes except the
+    /// recorded status.
+    pub fn reload(
+        &self,
+        slot: &PolicySlot,
+        spec: Option<SlotSpec>,
+        pin_sha256: Option<&str>,
+    ) -> anyhow::Result<bool> {
+        let _serial = slot.load_lock.lock();
+        let t0 = std::time::Instant::now();
+        let spec = spec.unwrap_or_else(|| slot.spec());
+        let old = slot.current();
+        let outcome = (|| -> anyhow::Result<Option<Arc<PolicyVersion>>> {
+            let src = read_source(&spec.source)?;
+            if src.sha256 == old.sha256 && spec.config == old.config && pin_sha256.is_none() {
+                return Ok(None);
+            }
+            let new = self.build_from(&spec, &src, pin_sha256, slot.role)?;
+            // State hand-off: both sides must implement it; a refusal means "start cold".
+            let state = old.export_state();
+            if !state.is_empty() {
+                match new.import_state(&state) {
+                    Ok(true) => {
+                        tracing::info!(slot = %slot.name, from = %old.label, to = %new.label, bytes = state.len(), "policy state handed over")
+                    }
+                    Ok(false) => {
+                        tracing::info!(slot = %slot.name, to = %new.label, "new version declined the previous state; starting cold")
+                    }
+                    Err(f) => anyhow::bail!("state import failed: {f}"),
+                }
+            }
+            Ok(Some(new))
+        })();
+        let status = match &outcome {
+            Ok(Some(v)) => ReloadStatus {
+                at_unix_s: unix_now(),
+                result: "loaded",
+                message: v.label.to_string(),
+            },
+            Ok(None) => ReloadStatus {
+                at_unix_s: unix_now(),
+                result: "unchanged",
+                message: old.label.to_string(),
+            },
+            Err(e) => ReloadStatus {
+                at_unix_s: unix_now(),
+                result: "error",
+                message: format!("{e:#}"),
+            },
+        };
+        self.metrics
+            .policy_reloads
+            .with_label_values(&[slot.name.as_str(), status.result])
+            .inc();
+        *slot.last_reload.lock() = status;
+        match outcome {
+            Ok(Some(v)) => {
+                tracing::info!(slot = %slot.name, from = %old.label, to = %v.label, source = %spec.source, "policy swapped (validated and published in {:?})", t0.elapsed());
+                self.metrics.set_policy_info(&slot.name, Some(&old), &v);
+                *slot.spec.lock() = spec;
+                slot.publish(v);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => {
+                tracing::warn!(slot = %slot.name, serving = %old.label, source = %spec.source, "policy load refused, last good version keeps serving: {e:#}");
+                Err(e)
+            }
         }
     }
-    let version = engine.load(
-        &src.name,
-        &spec.source.to_string(),
-        &src.bytes,
-        &spec.config,
-    )?;
-    let cands: Vec<Candidate> = set
-        .workers
-        .iter()
-        .filter(|w| w.role == role)
-        .map(|w| Candidate {
-            id: w.id,
-            in_flight: w.in_flight(),
-            engine: None,
-        })
-        .collect();
-    if !cands.is_empty() {
-        let stage = match role {
-            Role::Regular => Stage::Regular,
-            Role::Prefill => Stage::Prefill,
-            Role::Decode => Stage::Decode,
-        };
-        version
-            .select(&smoke_request(), stage, set, &cands)
-            .map_err(|f| anyhow::anyhow!("smoke-test select failed: {f}"))?;
-        // Serve from a fresh instance: the smoke test must not shape the policy's state
-        // (a round-robin position, a prefix-tree entry).
-        version.reset_instance();
-    }
-    Ok(version)
 }
 
 impl PolicySlot {
@@ -298,86 +413,13 @@ impl PolicySlot {
     pub fn last_reload(&self) -> ReloadStatus {
         self.last_reload.lock().clone()
     }
-
-    /// Load `spec` (or the current spec when `None`) and publish it if it validates.
-    /// Skips (`Ok(false)`) when the bytes are identical to the serving version's and the
-    /// config did not change. On failure nothing changes except the recorded status.
-    pub fn reload(
-        &self,
-        engine: &Arc<PolicyEngine>,
-        registry: &Registry,
-        metrics: &Metrics,
-        spec: Option<SlotSpec>,
-        pin_sha256: Option<&str>,
-    ) -> anyhow::Result<bool> {
-        let _serial = self.load_lock.lock();
-        let t0 = std::time::Instant::now();
-        let spec = spec.unwrap_or_else(|| self.spec());
-        let old = self.current();
-        let outcome = (|| -> anyhow::Result<Option<Arc<PolicyVersion>>> {
-            let src = read_source(&spec.source)?;
-            if src.sha256 == old.sha256 && spec.config == old.config && pin_sha256.is_none() {
-                return Ok(None);
-            }
-            let set = registry.snapshot();
-            let new = build_from(engine, &spec, &src, pin_sha256, self.role, &set)?;
-            // State hand-off: both sides must implement it; a refusal means "start cold".
-            let state = old.export_state(&set);
-            if !state.is_empty() {
-                match new.import_state(&set, &state) {
-                    Ok(true) => {
-                        tracing::info!(slot = %self.name, from = %old.label, to = %new.label, bytes = state.len(), "policy state handed over")
-                    }
-                    Ok(false) => {
-                        tracing::info!(slot = %self.name, to = %new.label, "new version declined the previous state; starting cold")
-                    }
-                    Err(f) => anyhow::bail!("state import failed: {f}"),
-                }
-            }
-            Ok(Some(new))
-        })();
-        let status = match &outcome {
-            Ok(Some(v)) => ReloadStatus {
-                at_unix_s: unix_now(),
-                result: "loaded",
-                message: v.label.to_string(),
-            },
-            Ok(None) => ReloadStatus {
-                at_unix_s: unix_now(),
-                result: "unchanged",
-                message: old.label.to_string(),
-            },
-            Err(e) => ReloadStatus {
-                at_unix_s: unix_now(),
-                result: "error",
-                message: format!("{e:#}"),
-            },
-        };
-        metrics
-            .policy_reloads
-            .with_label_values(&[self.name.as_str(), status.result])
-            .inc();
-        *self.last_reload.lock() = status;
-        match outcome {
-            Ok(Some(v)) => {
-                tracing::info!(slot = %self.name, from = %old.label, to = %v.label, source = %spec.source, "policy swapped (validated and published in {:?})", t0.elapsed());
-                metrics.set_policy_info(&self.name, Some(&old), &v);
-                *self.spec.lock() = spec;
-                self.publish(v);
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
-            Err(e) => {
-                tracing::warn!(slot = %self.name, serving = %old.label, source = %spec.source, "policy load refused, last good version keeps serving: {e:#}");
-                Err(e)
-            }
-        }
-    }
 }
 
-/// The slots deciding regular requests: A/B arms (weights) and shadows.
+/// The slots deciding requests: A/B arms (weights) and shadows for regular requests,
+/// plus fixed slots (PD's `prefill` and `decode`).
 pub struct PolicySlots {
     list: ArcSwap<Vec<Arc<PolicySlot>>>,
+    fixed: Vec<Arc<PolicySlot>>,
     /// Sticky arm assignment by session key (`--ab-sticky`).
     pub sticky: bool,
     edit: Mutex<()>,
@@ -388,7 +430,17 @@ use vllm_router_sdk::routing::{SESSION_KEY_FIELDS, SESSION_KEY_HEADERS, stable_h
 impl PolicySlots {
     /// Slots in order; at least one non-shadow slot.
     pub fn new(slots: Vec<Arc<PolicySlot>>, sticky: bool) -> Self {
+        Self::with_fixed(slots, Vec::new(), sticky)
+    }
+
+    /// Like [`PolicySlots::new`], plus fixed slots that are not A/B arms (PD stages).
+    pub fn with_fixed(
+        slots: Vec<Arc<PolicySlot>>,
+        fixed: Vec<Arc<PolicySlot>>,
+        sticky: bool,
+    ) -> Self {
         PolicySlots {
+            fixed,
             list: ArcSwap::new(Arc::new(slots)),
             sticky,
             edit: Mutex::new(()),
@@ -398,6 +450,18 @@ impl PolicySlots {
     /// All slots.
     pub fn all(&self) -> Arc<Vec<Arc<PolicySlot>>> {
         self.list.load_full()
+    }
+
+    /// Every slot, A/B arms, shadows and fixed ones (for worker-set pushes).
+    pub fn every_slot(&self) -> Vec<Arc<PolicySlot>> {
+        let mut v: Vec<_> = self.list.load().iter().cloned().collect();
+        v.extend(self.fixed.iter().cloned());
+        v
+    }
+
+    /// A fixed slot by name (`prefill`, `decode`).
+    pub fn fixed(&self, name: &str) -> Option<Arc<PolicySlot>> {
+        self.fixed.iter().find(|s| s.name == name).cloned()
     }
 
     /// A slot by name.
@@ -531,13 +595,11 @@ impl PolicySlots {
             .collect()
     }
 
-    /// Slots loaded from `path`.
+    /// Slots (fixed ones included) loaded from `path`.
     pub fn loaded_from(&self, path: &Path) -> Vec<Arc<PolicySlot>> {
-        self.list
-            .load()
-            .iter()
+        self.every_slot()
+            .into_iter()
             .filter(|s| s.file().as_deref() == Some(path))
-            .cloned()
             .collect()
     }
 }

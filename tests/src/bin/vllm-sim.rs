@@ -17,7 +17,8 @@
 //!
 //! Test knobs: flags at start, `POST /sim/config` at run time (same names, JSON), and
 //! per request the header `x-sim-status: CODE` (answer with that status). Recent requests
-//! (path, headers, body) are listed by `GET /sim/requests`.
+//! (path, headers, parsed body, and the raw body bytes as text) are listed by
+//! `GET /sim/requests`.
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -135,6 +136,8 @@ struct Recorded {
     path: String,
     headers: Vec<(String, String)>,
     body: Value,
+    /// The body exactly as received (UTF-8 text), for byte-exact forwarding tests.
+    raw: String,
 }
 
 /// LRU of block keys (chained hashes), with hit/query counters in tokens.
@@ -324,6 +327,7 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
                 .collect(),
             body: body.clone(),
+            raw: String::from_utf8_lossy(&raw).into_owned(),
         });
     }
     let forced = headers

@@ -92,212 +92,260 @@ async fn startup_wait(
     Ok(())
 }
 
+/// A built router, not yet listening: its client-facing routes (admin included) and the
+/// parts a caller may want to look at. [`run`] serves it; tests serve it in-process.
+pub struct App {
+    /// The client-facing routes (OpenAI API, health, fleet metrics, admin).
+    pub router: axum::Router,
+    /// The router's own metrics (served on `--prometheus-port` by [`run`]).
+    pub metrics: Arc<Metrics>,
+    /// The worker registry.
+    pub registry: Arc<Registry>,
+    /// The policy slots.
+    pub slots: Arc<PolicySlots>,
+    /// The flags it was built from.
+    pub args: Arc<Args>,
+    /// When building started.
+    pub started: Instant,
+}
+
+impl App {
+    /// Build every part from `args`: load policies, probe workers once (waiting per
+    /// `--worker-startup-timeout-secs`), start the health checker, engine scrape, file
+    /// watcher and feedback thread. Must run inside a Tokio runtime. Nothing listens yet.
+    pub async fn build(args: Args) -> anyhow::Result<App> {
+        let t0 = Instant::now();
+        let engine = PolicyEngine::with_options(
+            args.policy_timeout_ms,
+            args.policy_max_memory_mb,
+            args.policy_optimize,
+        )?;
+        engine.set_quarantine(
+            args.policy_quarantine_faults,
+            Duration::from_secs(args.policy_quarantine_window_secs),
+        );
+        let cb = Arc::new(BreakerShared {
+            cfg: breaker(&args),
+            on_transition: Default::default(),
+        });
+        let registry = Arc::new(Registry::with_breaker(cb.clone()));
+        let dp = args.intra_node_data_parallel_size;
+        let static_workers: Vec<(String, Role)> = if args.vllm_pd_disaggregation {
+            let p = args.prefill.iter().map(|u| (u.clone(), Role::Prefill));
+            p.chain(args.decode.iter().map(|u| (u.clone(), Role::Decode)))
+                .collect()
+        } else {
+            args.worker_urls
+                .iter()
+                .map(|u| (u.clone(), Role::Regular))
+                .collect()
+        };
+        for (url, role) in &static_workers {
+            registry.add(url, *role, dp).map_err(anyhow::Error::msg)?;
+        }
+        let metrics = Arc::new(Metrics::new());
+        {
+            let m = metrics.clone();
+            let _ = cb
+                .on_transition
+                .set(Box::new(move |worker: &str, (from, to)| {
+                    m.cb_transitions
+                        .with_label_values(&[worker, from.as_str(), to.as_str()])
+                        .inc();
+                }));
+        }
+
+        // Policies: one loader for startup, the watcher and the admin API.
+        let loader = Arc::new(SlotLoader {
+            engine: engine.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+        });
+        let (defs, sticky) = args.slot_defs().map_err(anyhow::Error::msg)?;
+        let canonical = |mut spec: crate::policy::SlotSpec| {
+            if let PolicySource::File(p) = &spec.source {
+                spec.source = PolicySource::File(crate::watch::canonical_file(p));
+            }
+            spec
+        };
+        let mut arms = Vec::new();
+        for d in defs {
+            arms.push(loader.new_slot(
+                &d.name,
+                Role::Regular,
+                canonical(d.spec),
+                d.weight,
+                d.shadow,
+                None,
+            )?);
+        }
+        let pd = if args.vllm_pd_disaggregation {
+            let (pspec, dspec) = args.pd_specs();
+            Some(Arc::new(Pd {
+                prefill: loader.new_slot(
+                    "prefill",
+                    Role::Prefill,
+                    canonical(pspec),
+                    100,
+                    false,
+                    None,
+                )?,
+                decode: loader.new_slot(
+                    "decode",
+                    Role::Decode,
+                    canonical(dspec),
+                    100,
+                    false,
+                    None,
+                )?,
+                zmq_addresses: Default::default(),
+            }))
+        } else {
+            None
+        };
+        let fixed = pd
+            .iter()
+            .flat_map(|p| [p.prefill.clone(), p.decode.clone()])
+            .collect();
+        let slots = Arc::new(PolicySlots::with_fixed(arms, fixed, sticky));
+        // The feedback thread delivers on-complete and pushes worker sets to policies.
+        let feedback = {
+            let (m, r, s) = (metrics.clone(), registry.clone(), slots.clone());
+            FeedbackQueue::start(
+                DEFAULT_CAPACITY,
+                move |v, fault| {
+                    m.policy_failures
+                        .with_label_values(&["feedback", &v.label, fault.kind()])
+                        .inc();
+                    tracing::warn!(policy = %v.label, "policy on-complete failed: {fault}");
+                },
+                move || sync::push_workers(&r, &s),
+            )?
+        };
+        {
+            let f = feedback.clone();
+            registry.on_publish(Box::new(move |_| f.request_sync()));
+        }
+        tracing::info!("policies ready in {:?}", t0.elapsed());
+
+        let hcfg = health_config(&args);
+        let urls: Vec<String> = static_workers.iter().map(|(u, _)| u.clone()).collect();
+        startup_wait(&args, &registry, &hcfg, &urls).await?;
+        tokio::spawn(health::run(registry.clone(), hcfg.clone(), metrics.clone()));
+        if args.engine_metrics_interval_ms > 0 {
+            tokio::spawn(crate::engine::run(
+                registry.clone(),
+                Duration::from_millis(args.engine_metrics_interval_ms),
+            ));
+        }
+
+        let watcher = if args.no_watch {
+            None
+        } else {
+            let w = PolicyWatcher::start(
+                Duration::from_millis(args.watch_debounce_ms.max(1)),
+                slots.clone(),
+                loader.clone(),
+            )?;
+            for s in slots.every_slot() {
+                if let Some(f) = s.file() {
+                    w.watch(&f)?;
+                }
+            }
+            Some(w)
+        };
+        let args = Arc::new(args);
+        let admin = Arc::new(Admin {
+            key: args.admin_api_key.clone(),
+            slots: slots.clone(),
+            loader,
+            watcher,
+            builtin_config: {
+                let a = args.clone();
+                Box::new(move |name, base| a.builtin_config_with(name, base))
+            },
+            health: hcfg,
+        });
+        if admin.key.is_some() {
+            tracing::info!("admin API enabled (bearer token required)");
+        }
+        let fwd = Arc::new(Forwarder {
+            registry: registry.clone(),
+            slots,
+            metrics: metrics.clone(),
+            client: upstream_client(),
+            retry: RetryConfig {
+                attempts: args.attempts(),
+                initial_backoff_ms: args.retry_initial_backoff_ms,
+                max_backoff_ms: args.retry_max_backoff_ms,
+                multiplier: args.retry_backoff_multiplier,
+                jitter: args.retry_jitter_factor,
+            },
+            budget: RetryBudget::new(args.retry_budget_ratio, args.retry_budget_min_per_sec),
+            request_timeout: Duration::from_secs(args.request_timeout_secs),
+            feedback,
+            default_role: if args.vllm_pd_disaggregation {
+                Role::Decode
+            } else {
+                Role::Regular
+            },
+        });
+        if let (Some(addr), Some(pd)) = (&args.vllm_discovery_address, &pd) {
+            crate::discovery::start(addr, registry.clone(), pd.clone(), dp).await?;
+        }
+        let state = Arc::new(AppState {
+            fwd,
+            pd,
+            request_id_headers: args
+                .request_id_headers
+                .iter()
+                .map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow::anyhow!("--request-id-headers: {e}"))?,
+            max_payload: args.max_payload_size,
+            admission: crate::server::Admission::new(
+                args.max_concurrent_requests,
+                args.queue_size,
+                Duration::from_secs(args.queue_timeout_secs),
+            ),
+            probe: health::probe_client(Duration::from_secs(args.health_check_timeout_secs.max(1))),
+        });
+        {
+            let st = state.clone();
+            metrics.register_fleet(FleetGauges::new(
+                registry.clone(),
+                Box::new(move || {
+                    (
+                        st.admission.in_flight() as i64,
+                        st.admission.waiting() as i64,
+                    )
+                }),
+            ));
+        }
+        let slots = state.fwd.slots.clone();
+        Ok(App {
+            router: app(state).merge(admin::routes(admin)),
+            metrics,
+            registry,
+            slots,
+            args,
+            started: t0,
+        })
+    }
+}
+
 /// Run the router until SIGINT/SIGTERM (then drain for `--shutdown-grace-period-secs`).
 /// Logs `vllm-router listening on http://ADDR` with the bound address (so `--port 0`
 /// works: tests read the port from that line).
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    let engine = PolicyEngine::with_options(
-        args.policy_timeout_ms,
-        args.policy_max_memory_mb,
-        args.policy_optimize,
-    )?;
-    engine.set_quarantine(
-        args.policy_quarantine_faults,
-        Duration::from_secs(args.policy_quarantine_window_secs),
-    );
-    let cb = Arc::new(BreakerShared {
-        cfg: breaker(&args),
-        on_transition: Default::default(),
-    });
-    let registry = Arc::new(Registry::with_breaker(cb.clone()));
-    let dp = args.intra_node_data_parallel_size;
-    let static_workers: Vec<(String, Role)> = if args.vllm_pd_disaggregation {
-        let p = args.prefill.iter().map(|u| (u.clone(), Role::Prefill));
-        p.chain(args.decode.iter().map(|u| (u.clone(), Role::Decode)))
-            .collect()
-    } else {
-        args.worker_urls
-            .iter()
-            .map(|u| (u.clone(), Role::Regular))
-            .collect()
-    };
-    for (url, role) in &static_workers {
-        registry.add(url, *role, dp).map_err(anyhow::Error::msg)?;
-    }
-    let metrics = Arc::new(Metrics::new());
-    {
-        let m = metrics.clone();
-        let _ = cb
-            .on_transition
-            .set(Box::new(move |worker: &str, (from, to)| {
-                m.cb_transitions
-                    .with_label_values(&[worker, from.as_str(), to.as_str()])
-                    .inc();
-            }));
-    }
-
-    // Policies: one loader for startup, the watcher and the admin API.
-    let loader = Arc::new(SlotLoader {
-        engine: engine.clone(),
-        registry: registry.clone(),
-        metrics: metrics.clone(),
-    });
-    let (defs, sticky) = args.slot_defs().map_err(anyhow::Error::msg)?;
-    let canonical = |mut spec: crate::policy::SlotSpec| {
-        if let PolicySource::File(p) = &spec.source {
-            spec.source = PolicySource::File(crate::watch::canonical_file(p));
-        }
-        spec
-    };
-    let mut arms = Vec::new();
-    for d in defs {
-        arms.push(loader.new_slot(
-            &d.name,
-            Role::Regular,
-            canonical(d.spec),
-            d.weight,
-            d.shadow,
-            None,
-        )?);
-    }
-    let pd = if args.vllm_pd_disaggregation {
-        let (pspec, dspec) = args.pd_specs();
-        Some(Arc::new(Pd {
-            prefill: loader.new_slot(
-                "prefill",
-                Role::Prefill,
-                canonical(pspec),
-                100,
-                false,
-                None,
-            )?,
-            decode: loader.new_slot("decode", Role::Decode, canonical(dspec), 100, false, None)?,
-            zmq_addresses: Default::default(),
-        }))
-    } else {
-        None
-    };
-    let fixed = pd
-        .iter()
-        .flat_map(|p| [p.prefill.clone(), p.decode.clone()])
-        .collect();
-    let slots = Arc::new(PolicySlots::with_fixed(arms, fixed, sticky));
-    // The feedback thread delivers on-complete and pushes worker sets to policies.
-    let feedback = {
-        let (m, r, s) = (metrics.clone(), registry.clone(), slots.clone());
-        FeedbackQueue::start(
-            DEFAULT_CAPACITY,
-            move |v, fault| {
-                m.policy_failures
-                    .with_label_values(&["feedback", &v.label, fault.kind()])
-                    .inc();
-                tracing::warn!(policy = %v.label, "policy on-complete failed: {fault}");
-            },
-            move || sync::push_workers(&r, &s),
-        )?
-    };
-    {
-        let f = feedback.clone();
-        registry.on_publish(Box::new(move |_| f.request_sync()));
-    }
-    tracing::info!("policies ready in {:?}", t0.elapsed());
-
-    let hcfg = health_config(&args);
-    let urls: Vec<String> = static_workers.iter().map(|(u, _)| u.clone()).collect();
-    startup_wait(&args, &registry, &hcfg, &urls).await?;
-    tokio::spawn(health::run(registry.clone(), hcfg.clone(), metrics.clone()));
-    if args.engine_metrics_interval_ms > 0 {
-        tokio::spawn(crate::engine::run(
-            registry.clone(),
-            Duration::from_millis(args.engine_metrics_interval_ms),
-        ));
-    }
-
-    let watcher = if args.no_watch {
-        None
-    } else {
-        let w = PolicyWatcher::start(
-            Duration::from_millis(args.watch_debounce_ms.max(1)),
-            slots.clone(),
-            loader.clone(),
-        )?;
-        for s in slots.every_slot() {
-            if let Some(f) = s.file() {
-                w.watch(&f)?;
-            }
-        }
-        Some(w)
-    };
-    let args = Arc::new(args);
-    let admin = Arc::new(Admin {
-        key: args.admin_api_key.clone(),
-        slots: slots.clone(),
-        loader,
-        watcher,
-        builtin_config: {
-            let a = args.clone();
-            Box::new(move |name, base| a.builtin_config_with(name, base))
-        },
-        health: hcfg,
-    });
-    if admin.key.is_some() {
-        tracing::info!("admin API enabled (bearer token required)");
-    }
-    let fwd = Arc::new(Forwarder {
-        registry: registry.clone(),
-        slots,
-        metrics: metrics.clone(),
-        client: upstream_client(),
-        retry: RetryConfig {
-            attempts: args.attempts(),
-            initial_backoff_ms: args.retry_initial_backoff_ms,
-            max_backoff_ms: args.retry_max_backoff_ms,
-            multiplier: args.retry_backoff_multiplier,
-            jitter: args.retry_jitter_factor,
-        },
-        budget: RetryBudget::new(args.retry_budget_ratio, args.retry_budget_min_per_sec),
-        request_timeout: Duration::from_secs(args.request_timeout_secs),
-        feedback,
-        default_role: if args.vllm_pd_disaggregation {
-            Role::Decode
-        } else {
-            Role::Regular
-        },
-    });
-    if let (Some(addr), Some(pd)) = (&args.vllm_discovery_address, &pd) {
-        crate::discovery::start(addr, registry.clone(), pd.clone(), dp).await?;
-    }
-    let state = Arc::new(AppState {
-        fwd,
-        pd,
-        request_id_headers: args
-            .request_id_headers
-            .iter()
-            .map(|h| http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()))
-            .collect::<Result<_, _>>()
-            .map_err(|e| anyhow::anyhow!("--request-id-headers: {e}"))?,
-        max_payload: args.max_payload_size,
-        admission: crate::server::Admission::new(
-            args.max_concurrent_requests,
-            args.queue_size,
-            Duration::from_secs(args.queue_timeout_secs),
-        ),
-        probe: health::probe_client(Duration::from_secs(args.health_check_timeout_secs.max(1))),
-    });
-    {
-        let st = state.clone();
-        metrics.register_fleet(FleetGauges::new(
-            registry.clone(),
-            Box::new(move || {
-                (
-                    st.admission.in_flight() as i64,
-                    st.admission.waiting() as i64,
-                )
-            }),
-        ));
-    }
-
+    let App {
+        router,
+        metrics,
+        registry,
+        args,
+        started: t0,
+        ..
+    } = App::build(args).await?;
     if args.prometheus_port != 0 {
         let addr = format!("{}:{}", args.prometheus_host, args.prometheus_port);
         let listener = tokio::net::TcpListener::bind(&addr)
@@ -326,14 +374,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    let set = registry.snapshot();
     tracing::info!(
         "vllm-router listening on http://{bound} with {} workers ({} healthy), ready in {:?}",
-        registry.snapshot().workers.len(),
-        crate::server::healthy_count(&state, Role::Regular),
+        set.workers.len(),
+        set.workers.iter().filter(|w| w.is_healthy()).count(),
         t0.elapsed()
     );
     let grace = Duration::from_secs(args.shutdown_grace_period_secs);
-    axum::serve(listener, app(state).merge(admin::routes(admin)))
+    axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             // In-flight requests and streams get the grace period, then we exit anyway.

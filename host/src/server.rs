@@ -432,3 +432,34 @@ async fn fleet_metrics(State(st): State<Arc<AppState>>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_admits_queues_rejects_and_times_out() {
+        let a = Arc::new(Admission::new(1, 1, Duration::from_secs(5)));
+        let first = a.admit().await.expect("a free slot");
+        assert_eq!(a.in_flight(), 1);
+        // The second waits in the queue...
+        let a2 = a.clone();
+        let queued = tokio::spawn(async move { a2.admit().await.map(|_| ()) });
+        tokio::task::yield_now().await;
+        assert_eq!(a.waiting(), 1);
+        // ...the third finds the queue full.
+        assert_eq!(a.admit().await.unwrap_err().0, "queue_full");
+        // The first ends: the queued one gets its slot.
+        drop(first);
+        assert!(queued.await.unwrap().is_ok());
+        // Held slot, empty queue: a waiter times out after queue_timeout (paused time).
+        let held = a.admit().await.unwrap();
+        let a3 = a.clone();
+        let late = tokio::spawn(async move { a3.admit().await.map(|_| ()) });
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert_eq!(late.await.unwrap().unwrap_err().0, "queue_timeout");
+        assert_eq!(a.waiting(), 0);
+        drop(held);
+    }
+}

@@ -166,7 +166,12 @@ impl host::Host for PolicyState {
         if self.log_window.1 > LOG_LINES_PER_SEC {
             return Ok(());
         }
-        let msg: String = message.chars().take(1024).collect();
+        // One log line per message: newlines (a panic's location line) become spaces.
+        let msg: String = message
+            .chars()
+            .take(1024)
+            .map(|c| if c == '\n' { ' ' } else { c })
+            .collect();
         let policy = &*self.label;
         match level {
             types::Level::Debug => tracing::debug!(policy, "{msg}"),

@@ -103,6 +103,11 @@ fn with_policy<R>(f: impl FnOnce(&mut dyn DynPolicy) -> R) -> Option<R> {
 
 impl<P: Policy> wit::Guest for Adapter<P> {
     fn init(config: String) -> Result<(), String> {
+        // A panic's message goes to the router's log (stderr is not granted to policies,
+        // so without this the log would only show the trap, not why it panicked).
+        std::panic::set_hook(Box::new(|info| {
+            crate::host::log(crate::Level::Error, &format!("policy panicked: {info}"));
+        }));
         let p = P::new(&config)?;
         INSTANCE.with(|cell| *cell.borrow_mut() = Some(Box::new(p)));
         Ok(())

@@ -35,19 +35,21 @@ def router_url():
             p, port = start_sim(f"w{i}")
             procs.append(p)
             ports.append(port)
-        port, mport = free_port(), free_port()
-        r = subprocess.Popen([str(BIN / "vllm-router"), "--port", str(port), "--prometheus-port", str(mport),
-                              "--policy", "round_robin", "--log-level", "warn",
-                              "--worker-urls", *[f"http://127.0.0.1:{p}" for p in ports]])
+        # --port 0: the router binds a free port and logs it (no bind-then-release race).
+        r = subprocess.Popen([str(BIN / "vllm-router"), "--port", "0", "--prometheus-port", "0",
+                              "--policy", "round_robin", "--log-level", "warn,vllm_router::app=info",
+                              "--worker-urls", *[f"http://127.0.0.1:{p}" for p in ports]],
+                             stdout=subprocess.PIPE, text=True)
         procs.append(r)
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert r.poll() is None, "vllm-router exited at startup"
-                time.sleep(0.05)
+        port = None
+        deadline = time.time() + 30
+        while port is None and time.time() < deadline:
+            line = r.stdout.readline()
+            assert line or r.poll() is None, "vllm-router exited at startup"
+            if "vllm-router listening on http://" in line:
+                addr = line.split("listening on http://", 1)[1].split()[0]
+                port = int(addr.rsplit(":", 1)[1])
+        assert port, "vllm-router did not log its address"
         yield f"http://127.0.0.1:{port}"
     finally:
         for p in procs:

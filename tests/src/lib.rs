@@ -150,7 +150,10 @@ pub fn start_sims(n: usize, extra: &[&str]) -> Vec<Proc> {
 pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("vllm-router"));
     let with_metrics = !extra.windows(2).any(|w| w[0] == "--prometheus-port");
-    cmd.args(["--port", "0", "--log-level", "warn,vllm_router::app=info"]);
+    cmd.args(["--port", "0"]);
+    if !extra.contains(&"--log-level") {
+        cmd.args(["--log-level", "warn,vllm_router::app=info"]);
+    }
     if with_metrics {
         cmd.args(["--prometheus-port", &free_port().to_string()]);
     }

@@ -201,3 +201,173 @@ pub fn run_shadows(
             .inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerShared;
+    use crate::workers::Registry;
+    use slots::SlotLoader;
+    use std::path::PathBuf;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    /// A test component built by `tests/run.sh` (hostile, probe, ...).
+    fn test_component(stem: &str) -> PathBuf {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/policy-wasm/wasm32-wasip2/policy")
+            .join(format!("{stem}.wasm"));
+        assert!(
+            p.exists(),
+            "{} missing: run tests/run.sh (it builds the test components)",
+            p.display()
+        );
+        p
+    }
+
+    fn setup(stem: &str, config: &str) -> (SlotLoader, Arc<PolicySlot>) {
+        let registry = Arc::new(Registry::with_breaker(Arc::new(BreakerShared::default())));
+        registry
+            .add("http://127.0.0.1:1", Role::Regular, 3)
+            .unwrap();
+        let engine = PolicyEngine::new(5, 16).unwrap();
+        engine.set_quarantine(3, Duration::from_secs(60));
+        let l = SlotLoader {
+            engine,
+            registry,
+            metrics: Arc::new(Metrics::new()),
+        };
+        let spec = SlotSpec {
+            source: PolicySource::File(test_component(stem)),
+            config: config.into(),
+        };
+        let s = l
+            .new_slot("t", Role::Regular, spec, 100, false, None)
+            .unwrap();
+        (l, s)
+    }
+
+    fn req() -> Arc<RequestInfo> {
+        let mut r = RequestInfo::raw(
+            http::Method::POST,
+            "/v1/completions".into(),
+            "/v1/completions".into(),
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"{}"),
+        );
+        r.request_id = "r1".into();
+        Arc::new(r)
+    }
+
+    fn feedback() -> Arc<FeedbackQueue> {
+        FeedbackQueue::start(16, |_, _| {}, || {}).unwrap()
+    }
+
+    #[test]
+    fn a_decline_is_answered_by_the_fallback_and_never_quarantines() {
+        let (l, slot) = setup("test_policy_hostile", r#"{"mode":"decline"}"#);
+        let set = l.registry.snapshot();
+        let cands = candidates(&set, Role::Regular, &[]);
+        let fb = feedback();
+        for _ in 0..20 {
+            let c = choose(&slot, &req(), Stage::Regular, &set, &cands, &l.metrics, &fb).unwrap();
+            assert!(c.fallback);
+        }
+        let v = slot.current();
+        assert_eq!(v.faults(), 0);
+        assert!(!v.is_quarantined());
+        assert_eq!(v.inits(), 1);
+    }
+
+    #[test]
+    fn traps_are_faults_reinit_the_instance_and_quarantine_after_the_limit() {
+        let (l, slot) = setup("test_policy_hostile", r#"{"mode":"trap"}"#);
+        let set = l.registry.snapshot();
+        let cands = candidates(&set, Role::Regular, &[]);
+        let fb = feedback();
+        for _ in 0..5 {
+            let c = choose(&slot, &req(), Stage::Regular, &set, &cands, &l.metrics, &fb).unwrap();
+            assert!(c.fallback, "the client is served by the fallback");
+        }
+        let v = slot.current();
+        assert_eq!(
+            v.faults(),
+            3,
+            "quarantined at 3: later requests skip the policy"
+        );
+        assert!(v.is_quarantined());
+        // Each trap dropped the instance; the next call re-instantiated it (init again).
+        assert_eq!(v.inits(), 3);
+    }
+
+    #[test]
+    fn a_version_behind_the_worker_set_is_not_called_until_the_push() {
+        let (l, slot) = setup("test_policy_pick_first", "{}");
+        let v = slot.current();
+        l.registry
+            .add("http://127.0.0.1:2", Role::Regular, 1)
+            .unwrap();
+        let set = l.registry.snapshot();
+        let cands = candidates(&set, Role::Regular, &[]);
+        let nudges = Arc::new(AtomicUsize::new(0));
+        let n2 = nudges.clone();
+        let fb = FeedbackQueue::start(
+            16,
+            |_, _| {},
+            move || {
+                n2.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .unwrap();
+        let c = choose(&slot, &req(), Stage::Regular, &set, &cands, &l.metrics, &fb).unwrap();
+        assert!(c.fallback, "no workers-changed on the request path");
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while nudges.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < end, "sync never requested");
+            std::thread::yield_now();
+        }
+        // The push (what the feedback thread's sync does) brings it up to date.
+        sync::push_workers(&l.registry, &PolicySlots::new(vec![slot.clone()], false));
+        assert_eq!(v.synced_generation(), set.generation);
+        let c = choose(&slot, &req(), Stage::Regular, &set, &cands, &l.metrics, &fb).unwrap();
+        assert!(!c.fallback);
+        assert_eq!(c.worker.id, cands[0].id);
+    }
+
+    #[test]
+    fn feedback_is_delivered_off_thread_and_dropped_when_the_queue_is_full() {
+        let (_l, slot) = setup("test_policy_pick_first", "{}");
+        let v = slot.current();
+        let done = |w| Completion {
+            worker: w,
+            status: 200,
+            latency_ms: 1,
+            first_byte_ms: None,
+            stage: Stage::Regular,
+        };
+        // The thread's sync hook blocks until released, so the queue (4) fills up.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = parking_lot::Mutex::new(release_rx);
+        let fb = FeedbackQueue::start(
+            4,
+            |_, _| {},
+            move || {
+                let _ = entered_tx.send(());
+                let _ = release_rx.lock().recv();
+            },
+        )
+        .unwrap();
+        fb.request_sync();
+        entered_rx.recv().unwrap();
+        let sent = (0..100).filter(|i| fb.send(v.clone(), done(*i))).count();
+        assert_eq!(sent, 4, "a full queue drops instead of blocking the caller");
+        assert_eq!(fb.dropped(), 96);
+        release_tx.send(()).unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while fb.delivered() < 4 {
+            assert!(std::time::Instant::now() < end);
+            std::thread::yield_now();
+        }
+    }
+}

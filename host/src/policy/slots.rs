@@ -620,3 +620,129 @@ pub fn session_key(req: &RequestInfo) -> Option<String> {
         .iter()
         .find_map(|f| req.body_field(f).filter(|v| !v.is_empty()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::breaker::BreakerShared;
+
+    fn loader() -> SlotLoader {
+        let registry = Arc::new(Registry::with_breaker(Arc::new(BreakerShared::default())));
+        registry
+            .add("http://127.0.0.1:1", Role::Regular, 2)
+            .unwrap();
+        SlotLoader {
+            engine: PolicyEngine::new(5, 64).unwrap(),
+            registry,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    fn slot(l: &SlotLoader, name: &str, weight: u32, shadow: bool) -> Arc<PolicySlot> {
+        let spec = SlotSpec {
+            source: PolicySource::Builtin("round_robin".into()),
+            config: "{}".into(),
+        };
+        l.new_slot(name, Role::Regular, spec, weight, shadow, None)
+            .unwrap()
+    }
+
+    fn request(session: Option<&str>) -> RequestInfo {
+        let mut h = http::HeaderMap::new();
+        if let Some(s) = session {
+            h.insert("x-session-id", s.parse().unwrap());
+        }
+        RequestInfo::raw(
+            http::Method::POST,
+            "/v1/completions".into(),
+            "/v1/completions".into(),
+            h,
+            bytes::Bytes::new(),
+        )
+    }
+
+    #[test]
+    fn ab_pick_follows_weights_promote_and_remove() {
+        let l = loader();
+        let slots = PolicySlots::new(
+            vec![
+                slot(&l, "a", 100, false),
+                slot(&l, "b", 0, false),
+                slot(&l, "s", 0, true),
+            ],
+            false,
+        );
+        let r = request(None);
+        assert!(
+            (0..50).all(|_| slots.pick(&r).name == "a"),
+            "weight 0 got traffic"
+        );
+        assert_eq!(slots.shadows().len(), 1);
+        slots
+            .set_weights(&[("a".into(), 50), ("b".into(), 50)])
+            .unwrap();
+        let b = (0..2000).filter(|_| slots.pick(&r).name == "b").count();
+        assert!((850..1150).contains(&b), "50/50 split gave b {b} of 2000");
+        assert!(
+            slots.set_weights(&[("s".into(), 5)]).is_err(),
+            "a shadow takes no traffic"
+        );
+        assert!(
+            slots
+                .set_weights(&[("a".into(), 0), ("b".into(), 0)])
+                .is_err()
+        );
+        slots.promote("b").unwrap();
+        assert_eq!(
+            (
+                slots.get("a").unwrap().weight(),
+                slots.get("b").unwrap().weight()
+            ),
+            (0, 100)
+        );
+        assert!(slots.promote("s").is_err());
+        assert!(slots.remove("b").is_err(), "would leave no serving arm");
+        slots.remove("a").unwrap();
+        assert!(matches!(slots.remove("zz"), Err(m) if m.starts_with("no slot")));
+        assert_eq!(slots.every_slot().len(), 2);
+    }
+
+    #[test]
+    fn sticky_arms_keep_a_session_on_one_arm() {
+        let l = loader();
+        let slots = PolicySlots::new(
+            vec![slot(&l, "a", 50, false), slot(&l, "b", 50, false)],
+            true,
+        );
+        for key in ["alice", "bob", "carol", "dave"] {
+            let r = request(Some(key));
+            let first = slots.pick(&r).name.clone();
+            assert!((0..20).all(|_| slots.pick(&r).name == first), "{key} moved");
+        }
+    }
+
+    #[test]
+    fn a_reload_of_identical_bytes_is_unchanged_and_a_new_spec_is_loaded_once() {
+        let l = loader();
+        let s = slot(&l, "a", 100, false);
+        assert!(!l.reload(&s, None, None).unwrap(), "same bytes and config");
+        let spec = SlotSpec {
+            source: PolicySource::Builtin("random".into()),
+            config: "{}".into(),
+        };
+        assert!(l.reload(&s, Some(spec), None).unwrap());
+        assert_eq!(s.current().name, "random");
+        assert_eq!(s.current().inits(), 1, "init once per load");
+        let bad = SlotSpec {
+            source: PolicySource::Builtin("nope".into()),
+            config: "{}".into(),
+        };
+        assert!(l.reload(&s, Some(bad), None).is_err());
+        assert_eq!(
+            s.current().name,
+            "random",
+            "a failed load keeps the last good one"
+        );
+        assert_eq!(s.last_reload().result, "error");
+    }
+}

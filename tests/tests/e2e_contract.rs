@@ -1,0 +1,396 @@
+//! End-to-end: the host does what `wit/policy.wit` says and what the README promises,
+//! through the real binary. The `probe` test policy logs every host call it receives
+//! (`probe init`, `probe workers-changed …`, `probe complete stage=… worker=… status=…`),
+//! and the router's log is read back. Also: bodies are forwarded byte for byte (checked
+//! on the raw bytes the simulator received, not on parsed JSON), the retry budget, one
+//! load per hot swap, and the fleet's vLLM metrics on the serving port.
+
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+use vllm_router_tests::*;
+
+const KEY: &str = "test-admin-key-0123456789";
+
+/// Log level that shows policy log lines and the router's own info lines.
+const POLICY_LOGS: &[&str] = &[
+    "--log-level",
+    "warn,vllm_router::app=info,vllm_router_runtime=info",
+];
+
+fn args<'a>(extra: &[&'a str], probe: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["--policy-wasm", probe];
+    a.extend_from_slice(POLICY_LOGS);
+    a.extend_from_slice(extra);
+    a
+}
+
+/// Poll until `router` logged at least `n` lines containing `needle` (10 s), then return
+/// them.
+async fn wait_log(router: &Proc, needle: &str, n: usize) -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let l = router.log_matching(needle);
+        if l.len() >= n || Instant::now() > end {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_runs_once_per_load_and_on_complete_once_per_request_even_with_retries() {
+    let sims = vec![
+        start_sim("bad", &["--fail-status", "503"]),
+        start_sim("good", &[]),
+    ];
+    let probe = policy_wasm("test_policy_probe");
+    let router = start_router(
+        &urls(&sims),
+        &args(&["--no-watch"], probe.to_str().unwrap()),
+    );
+    let c = client();
+    let n = 6;
+    for i in 0..n {
+        let r = post_json(
+            &c,
+            &format!("{}/v1/chat/completions", router.url()),
+            &[],
+            &chat_body(&format!("{i}"), i % 2 == 0),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(worker_of(&r), "good");
+        let _ = r.text().await;
+    }
+    let done = wait_log(&router, "probe complete", n).await;
+    // The probe picks the lowest id: "bad" (503) first, then the retry goes to "good".
+    // One completion per request, for the attempt that ended it (status 200).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let done_now = router.log_matching("probe complete");
+    assert_eq!(done_now.len(), n, "{done:?}");
+    assert!(
+        done_now
+            .iter()
+            .all(|l| l.contains("stage=Regular") && l.contains("status=200")),
+        "{done_now:?}"
+    );
+    assert_eq!(
+        router.log_matching("probe init").len(),
+        1,
+        "init must run once per load (smoke test and serving share the instance)"
+    );
+    assert_eq!(router.log_matching("probe workers-changed n=2").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_feedback_reaches_both_slots_with_their_stage() {
+    let p = start_sim("p0", &["--role", "prefill"]);
+    let d = start_sim("d0", &["--role", "decode"]);
+    let probe = policy_wasm("test_policy_probe");
+    let router = start_router(
+        &[],
+        &args(
+            &[
+                "--vllm-pd-disaggregation",
+                "--prefill",
+                &p.url(),
+                "--decode",
+                &d.url(),
+                "--no-watch",
+            ],
+            probe.to_str().unwrap(),
+        ),
+    );
+    let c = client();
+    for i in 0..3 {
+        let r = post_json(
+            &c,
+            &format!("{}/v1/completions", router.url()),
+            &[],
+            &json!({"model": "sim-model", "prompt": format!("x{i}"), "max_tokens": 2}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await;
+    }
+    let pre = wait_log(&router, "probe complete stage=Prefill", 3).await;
+    let dec = wait_log(&router, "probe complete stage=Decode", 3).await;
+    assert_eq!(pre.len(), 3, "{pre:?}");
+    assert_eq!(dec.len(), 3, "{dec:?}");
+    assert!(router.log_matching("stage=Regular").is_empty());
+    // Each slot's version was initialised once: prefill, decode, and the regular slot
+    // that serves non-generation routes in PD mode.
+    assert_eq!(router.log_matching("probe init").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_worker_set_is_pushed_without_waiting_for_a_request() {
+    let sims = start_sims(1, &[]);
+    let extra = start_sim("late", &[]);
+    let probe = policy_wasm("test_policy_probe");
+    let router = start_router(
+        &urls(&sims),
+        &args(
+            &["--no-watch", "--admin-api-key", KEY],
+            probe.to_str().unwrap(),
+        ),
+    );
+    assert_eq!(router.log_matching("probe workers-changed n=1").len(), 1);
+    let r = client()
+        .post(format!("{}/add_worker?url={}", router.url(), extra.url()))
+        .bearer_auth(KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // No client request was sent: the push came from the registry's publish.
+    let pushed = wait_log(&router, "probe workers-changed n=2", 1).await;
+    assert_eq!(pushed.len(), 1);
+}
+
+/// The raw bytes of the last request `sim` recorded.
+async fn last_raw(sim: &Proc) -> String {
+    let r = sim_requests(sim).await;
+    r.last().expect("a recorded request")["raw"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Odd key order and spacing, an escaped `é`, a 30-digit integer and `1.0e-7`: any
+/// re-serialisation would change at least one of them.
+const ODD_COMPLETION: &str = "{ \"prompt\" :\"caf\\u00e9 \",\n  \"max_tokens\":2, \"seed\": 123456789012345678901234567890,\"temperature\": 1.0e-7 , \"model\":\"sim-model\"}";
+const ODD_CHAT: &str = "{\"messages\":[ {\"content\":\"caf\\u00e9\",\"role\":\"user\"} ],\"top_p\":1.0e-7,\"model\":\"sim-model\",\"logit_bias\":{\"42\":123456789012345678901234567890}, \"max_tokens\":2}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_forwarded_byte_for_byte() {
+    let sims = start_sims(1, &[]);
+    let router = start_router(&urls(&sims), &[]);
+    let c = client();
+    for (path, body) in [
+        ("/v1/completions", ODD_COMPLETION),
+        ("/v1/chat/completions", ODD_CHAT),
+    ] {
+        let r = c
+            .post(format!("{}{path}", router.url()))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(last_raw(&sims[0]).await, body, "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_decode_gets_the_client_bytes_plus_the_handoff() {
+    let p = start_sim("p0", &["--role", "prefill"]);
+    let d = start_sim("d0", &["--role", "decode"]);
+    let router = start_router(
+        &[],
+        &[
+            "--vllm-pd-disaggregation",
+            "--prefill",
+            &p.url(),
+            "--decode",
+            &d.url(),
+        ],
+    );
+    let r = client()
+        .post(format!("{}/v1/completions", router.url()))
+        .header("content-type", "application/json")
+        .body(ODD_COMPLETION)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let raw = last_raw(&d).await;
+    let head = &ODD_COMPLETION[..ODD_COMPLETION.rfind('}').unwrap()];
+    assert!(
+        raw.starts_with(head),
+        "decode body changed the client's bytes:\n{raw}"
+    );
+    assert!(raw.ends_with('}'));
+    let v: Value = serde_json::from_str(&raw).unwrap();
+    assert!(v.get("kv_transfer_params").is_some(), "{raw}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_refuses_retries_and_the_workers_answer_goes_to_the_client() {
+    let sims = vec![
+        start_sim("bad", &["--fail-status", "503"]),
+        start_sim("good", &[]),
+    ];
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--policy",
+            "round_robin",
+            "--retry-budget-ratio",
+            "0",
+            "--retry-budget-min-per-sec",
+            "0",
+        ],
+    );
+    let c = client();
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        let r = post_json(
+            &c,
+            &format!("{}/v1/completions", router.url()),
+            &[],
+            &json!({"model": "sim-model", "prompt": format!("{i}"), "max_tokens": 1}),
+        )
+        .await;
+        statuses.push(r.status().as_u16());
+    }
+    // Round robin alternates: the two requests that hit "bad" get its 503 (no retry).
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 200, 503, 503]);
+    let m = router_metrics(&router).await;
+    assert_eq!(
+        metric_sum(&m, "vllm_router_retries_refused_total", &[]),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(metric_sum(&m, "vllm_router_retries_total", &[]), 0.0);
+    assert_eq!(sim_requests(&sims[1]).await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_swap_loads_once_and_an_idle_watcher_stays_idle() {
+    let sims = start_sims(2, &[]);
+    let dir = TempDir::new("swap-once");
+    let live = dir.join("policy.wasm");
+    std::fs::copy(policy_wasm("test_policy_pick_first"), &live).unwrap();
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--policy-wasm",
+            live.to_str().unwrap(),
+            "--watch-debounce-ms",
+            "50",
+        ],
+    );
+    let c = client();
+    let url = format!("{}/v1/completions", router.url());
+    let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
+    assert_eq!(worker_of(&post_json(&c, &url, &[], &body).await), "w0");
+    std::fs::write(
+        &live,
+        std::fs::read(policy_wasm("test_policy_pick_last")).unwrap(),
+    )
+    .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while worker_of(&post_json(&c, &url, &[], &body).await) != "w1" {
+        assert!(Instant::now() < end, "swap not seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The router's own reads of the file must not trigger more loads.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let m = router_metrics(&router).await;
+    let loads = |result: &str| {
+        metric_sum(
+            &m,
+            "vllm_router_policy_reloads_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    assert_eq!(loads("loaded"), 1.0, "{m}");
+    assert_eq!(
+        loads("unchanged"),
+        0.0,
+        "the watcher reacts to its own reads:\n{m}"
+    );
+    assert_eq!(loads("error"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_metrics_on_the_serving_port_sums_the_fleets_vllm_metrics() {
+    let sims = start_sims(2, &[]);
+    let router = start_router(&urls(&sims), &["--policy", "round_robin"]);
+    let c = client();
+    for i in 0..6 {
+        let r = post_json(
+            &c,
+            &format!("{}/v1/completions", router.url()),
+            &[],
+            &json!({"model": "sim-model", "prompt": format!("{i}"), "max_tokens": 1}),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+    }
+    let mut per_worker = 0.0;
+    for s in &sims {
+        let t = c
+            .get(format!("{}/metrics", s.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        per_worker += metric_sum(&t, "vllm:request_success_total", &[]);
+    }
+    assert!(per_worker >= 6.0);
+    for _ in 0..3 {
+        // The same answer every time (it used to be a different worker's each call).
+        let fleet = c
+            .get(format!("{}/metrics", router.url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(fleet.starts_with("# vllm-router: fleet metrics summed over 2 of 2 workers"));
+        assert_eq!(
+            metric_sum(&fleet, "vllm:request_success_total", &[]),
+            per_worker,
+            "{fleet}"
+        );
+        assert_eq!(
+            fleet.matches("# TYPE vllm:request_success_total").count(),
+            1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_fault_is_logged_with_its_cause_first() {
+    let sims = start_sims(2, &[]);
+    let hostile = policy_wasm("test_policy_hostile");
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--policy-wasm",
+            hostile.to_str().unwrap(),
+            "--policy-config",
+            r#"{"mode":"panic"}"#,
+            "--no-watch",
+            "--log-level",
+            "warn,vllm_router::app=info",
+        ],
+    );
+    let r = post_json(
+        &client(),
+        &format!("{}/v1/completions", router.url()),
+        &[],
+        &json!({"model": "sim-model", "prompt": "x", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    // The SDK sends the panic text to the router's log...
+    let panicked = wait_log(&router, "hostile policy panics on purpose", 1).await;
+    assert!(!panicked.is_empty(), "{:?}", router.log_matching("policy"));
+    // ...and the fault line names the trap before the wasm backtrace.
+    let fault = wait_log(&router, "policy failed (trap:", 1).await;
+    let line = &fault[0];
+    let cause = line
+        .find("unreachable")
+        .expect("trap cause in the fault line");
+    if let Some(bt) = line.find("wasm backtrace") {
+        assert!(cause < bt, "cause after the backtrace: {line}");
+    }
+}

@@ -8,7 +8,7 @@
 
 use crate::error::ApiError;
 use crate::health::HealthConfig;
-use crate::policy::slots::SlotLoader;
+use crate::policy::loader::SlotLoader;
 use crate::policy::{PolicySlot, PolicySlots, PolicySource, SlotSpec};
 use crate::watch::PolicyWatcher;
 use axum::Router;

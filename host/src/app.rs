@@ -13,7 +13,7 @@ use crate::forward::{Forwarder, RetryBudget, RetryConfig, upstream_client};
 use crate::health::{self, HealthConfig};
 use crate::metrics::{FleetGauges, Metrics};
 use crate::pd::Pd;
-use crate::policy::slots::SlotLoader;
+use crate::policy::loader::SlotLoader;
 use crate::policy::{PolicyEngine, PolicySlots, PolicySource, sync};
 use crate::server::{AppState, app};
 use crate::watch::PolicyWatcher;

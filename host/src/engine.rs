@@ -10,16 +10,7 @@ use crate::health::{ProbeClient, probe_client};
 use crate::workers::{Registry, Worker};
 use http_body_util::BodyExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// Oldest sample (ms) shown to policies; 0 = scraping off.
-static MAX_AGE_MS: AtomicU64 = AtomicU64::new(0);
-
-/// The age limit of engine samples, ms (0 when scraping is off).
-pub fn max_age_ms() -> u64 {
-    MAX_AGE_MS.load(Ordering::Relaxed)
-}
 
 /// Engine load parsed from one `/metrics` text: `(running, waiting, kv_permille)`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +93,7 @@ async fn scrape(client: &ProbeClient, w: &Worker, timeout: Duration) -> Option<E
 
 /// Scrape all healthy workers every `interval` until the task is dropped.
 pub async fn run(registry: Arc<Registry>, interval: Duration) {
-    MAX_AGE_MS.store(interval.as_millis() as u64 * 3 + 1000, Ordering::Relaxed);
+    registry.set_engine_max_age_ms(interval.as_millis() as u64 * 3 + 1000);
     let timeout = interval.max(Duration::from_millis(500));
     let client = probe_client(timeout);
     let mut tick = tokio::time::interval(interval);

@@ -13,8 +13,9 @@
 //!   retries happen (`drive`, with the retry budget in `forward::retry`), where an
 //!   attempt's outcome is recorded (`settle`), and the streaming body;
 //! - [`pd`]: the prefill/decode flow, a plan over `forward`; [`discovery`]: vLLM ZMQ;
-//! - [`policy`]: candidates, the policy call and its fallback; `policy::slots` (the
-//!   [`policy::slots::SlotLoader`], where a policy file becomes the serving version; A/B
+//! - [`policy`]: candidates, the policy call and its fallback; `policy::loader` (the
+//!   [`policy::loader::SlotLoader`], where a policy file becomes the serving version);
+//!   `policy::slots` (A/B
 //!   and shadow slots); `policy::sync` (worker sets pushed to policies); `policy::builtin`;
 //! - [`watch`]: hot swap on file change; [`admin`]: the authenticated admin API;
 //! - [`workers`]: the registry and per-worker state; [`breaker`]: circuit breaker (owns

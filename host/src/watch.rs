@@ -1,7 +1,7 @@
 //! Hot swap on file change: watch the directories of file-backed policy slots (so both
 //! in-place writes and atomic renames are seen), debounce, and reload the slots whose
 //! file changed. A reload validates fully before publishing (see
-//! [`crate::policy::slots::SlotLoader::reload`]); a half-written file fails validation,
+//! [`crate::policy::loader::SlotLoader::reload`]); a half-written file fails validation,
 //! keeps the last good version serving, and is retried on the next event for the file.
 //!
 //! Only events that can change a file's content count (create, modify, rename, remove,
@@ -10,7 +10,7 @@
 //! after the first swap.
 
 use crate::policy::PolicySlots;
-use crate::policy::slots::SlotLoader;
+use crate::policy::loader::SlotLoader;
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use parking_lot::Mutex;

@@ -294,6 +294,8 @@ pub struct Registry {
     generation: AtomicU64,
     cb: Arc<BreakerShared>,
     on_publish: std::sync::OnceLock<PublishHook>,
+    /// Oldest engine-load sample shown to policies, ms; 0 = engine scraping off.
+    engine_max_age_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -317,6 +319,17 @@ impl Registry {
     /// The policy layer uses it to push `workers-changed` off the request path.
     pub fn on_publish(&self, hook: PublishHook) {
         let _ = self.on_publish.set(hook);
+    }
+
+    /// Set the age limit of engine-load samples, ms (the engine scraper does, from its
+    /// interval); 0 = scraping off.
+    pub fn set_engine_max_age_ms(&self, ms: u64) {
+        self.engine_max_age_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The age limit of engine-load samples, ms (0 when scraping is off).
+    pub fn engine_max_age_ms(&self) -> u64 {
+        self.engine_max_age_ms.load(Ordering::Relaxed)
     }
 
     /// Current snapshot.

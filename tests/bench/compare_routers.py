@@ -17,7 +17,10 @@ Router CPU per request = (utime + stime of the router process during the run) / 
 the figure that stays stable on a noisy shared machine.
 
 Writes target/bench/compare.{json,md,png} and prints the table.
-Usage: python3 tests/bench/compare_routers.py [--repeats 3] [--duration 4]
+With `--baseline PATH` (a vllm-router binary built from an earlier commit, e.g. in a git
+worktree), that binary runs as system `baseline` with the same flags as `ours`: a
+before/after comparison measured side by side in one run.
+Usage: python3 tests/bench/compare_routers.py [--repeats 3] [--duration 4] [--baseline BIN] [--no-peers]
 """
 
 import argparse
@@ -111,10 +114,14 @@ def start_sim(name, core):
     return p, port
 
 
+BASELINE = None
+
+
 def router_cmd(system, policy, port, workers):
     urls = [f"http://127.0.0.1:{w}" for w in workers]
-    if system == "ours":
-        return [str(ROOT / "target/release/vllm-router"), "--port", str(port), "--policy", policy,
+    if system in ("ours", "baseline"):
+        binary = str(ROOT / "target/release/vllm-router") if system == "ours" else BASELINE
+        return [binary, "--port", str(port), "--policy", policy,
                 "--prometheus-port", str(free_port()), "--log-level", "warn",
                 "--engine-metrics-interval-ms", "0", "--worker-urls", *urls]
     if system == "vllm-project/router":
@@ -223,7 +230,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
+    ap.add_argument("--baseline", help="an earlier vllm-router binary, run as system `baseline`")
+    ap.add_argument("--no-peers", action="store_true", help="skip vllm-project/router and sglang-router")
     args = ap.parse_args()
+    global BASELINE
+    BASELINE = args.baseline
     OUT.mkdir(parents=True, exist_ok=True)
     if Path(sys.prefix).resolve() != VENV.resolve():
         ensure_tools()
@@ -232,6 +243,10 @@ def main():
     systems = [("direct", "-"), ("ours", "round_robin"), ("ours", "cache_aware"),
                ("vllm-project/router", "round_robin"), ("vllm-project/router", "cache_aware"),
                ("sglang-router", "round_robin"), ("sglang-router", "cache_aware")]
+    if args.no_peers:
+        systems = systems[:3]
+    if args.baseline:
+        systems[3:3] = [("baseline", "round_robin"), ("baseline", "cache_aware")]
     sims = [start_sim("w0", 1), start_sim("w1", 1)]
     workers = [port for _, port in sims]
     results = {f"{s}|{p}": [] for s, p in systems}
@@ -266,7 +281,9 @@ def main():
                 row[f"{w}_{k}"] = median([r["workloads"][w][k] for r in runs])
         rows.append(row)
     direct = rows[0]
-    peers = [r for r in rows if r["ok"] and r["system"] not in ("direct", "ours")]
+    peers = [r for r in rows if r["ok"] and r["system"] not in ("direct", "ours", "baseline")]
+    if not peers:
+        peers = [r for r in rows if r["ok"] and r["system"] != "direct"]
     best_c64 = max((r["c64_rps"] for r in peers), default=float("nan"))
     best_cpu = min((r["c64_cpu_us_per_req"] for r in peers), default=float("nan"))
     versions = {"vllm-project/router": pip_version("vllm-router"), "sglang-router": pip_version("sglang-router")}
@@ -306,7 +323,8 @@ def plot(rows, direct):
         return
     ok = [r for r in rows if r["ok"]]
     labels = [f"{r['system']}\n{r['policy']}" for r in ok]
-    colors = ["#888" if r["system"] == "direct" else "#2a7" if r["system"] == "ours" else "#c64" for r in ok]
+    colors = ["#888" if r["system"] == "direct" else "#2a7" if r["system"] == "ours"
+              else "#7a9" if r["system"] == "baseline" else "#c64" for r in ok]
     fig, ax = plt.subplots(1, 3, figsize=(18, 5.5))
     ax[0].bar(labels, [r["c64_rps"] for r in ok], color=colors)
     ax[0].set_title("throughput, 64 connections (req/s)")

@@ -116,7 +116,12 @@ impl Forwarder {
         exclude: &[u32],
     ) -> Option<Choice> {
         let set = self.registry.snapshot();
-        let cands = policy::candidates(&set, target.role, exclude);
+        let cands = policy::candidates(
+            &set,
+            target.role,
+            exclude,
+            self.registry.engine_max_age_ms(),
+        );
         let Some(slot) = target.slot else {
             if cands.is_empty() {
                 return None;
@@ -209,7 +214,7 @@ impl Forwarder {
             // room in the retry budget (asked last: asking spends it).
             let may_retry = || {
                 if number >= self.retry.attempts
-                    || policy::candidates(&self.registry.snapshot(), target.role, &tried).is_empty()
+                    || !policy::has_candidate(&self.registry.snapshot(), target.role, &tried)
                 {
                     return false;
                 }
@@ -279,9 +284,7 @@ impl Forwarder {
             }
         }
         Err(match last_err {
-            Some(e)
-                if policy::candidates(&self.registry.snapshot(), target.role, &[]).is_empty() =>
-            {
+            Some(e) if !policy::has_candidate(&self.registry.snapshot(), target.role, &[]) => {
                 ApiError::no_workers(format!(
                     "no healthy workers available (last error: {})",
                     e.message

@@ -9,13 +9,35 @@ pub struct Builtin {
     pub about: &'static str,
     /// The component bytes.
     pub wasm: &'static [u8],
+    /// The policy's config keys taken from router flags (`--cache-threshold` → ...),
+    /// declared here, next to the built-in, once; `--policy-config` keys win over them.
+    pub tunables: Option<fn(&crate::config::Args) -> serde_json::Map<String, serde_json::Value>>,
+}
+
+/// cache_aware's tunables: vllm-project/router's flag names, SGLang's defaults.
+fn cache_aware_tunables(a: &crate::config::Args) -> serde_json::Map<String, serde_json::Value> {
+    let v = serde_json::json!({
+        "cache_threshold": a.cache_threshold,
+        "balance_abs_threshold": a.balance_abs_threshold,
+        "balance_rel_threshold": a.balance_rel_threshold,
+        "eviction_interval_secs": a.eviction_interval,
+        "max_tree_size": a.max_tree_size,
+    });
+    match v {
+        serde_json::Value::Object(m) => m,
+        _ => Default::default(),
+    }
 }
 
 macro_rules! builtin {
     ($name:literal, $stem:literal, $about:literal) => {
+        builtin!($name, $stem, $about, None)
+    };
+    ($name:literal, $stem:literal, $about:literal, $tunables:expr) => {
         Builtin {
             name: $name,
             about: $about,
+            tunables: $tunables,
             wasm: include_bytes!(concat!(
                 env!("VLLM_ROUTER_POLICY_WASM_DIR"),
                 "/",
@@ -47,7 +69,8 @@ pub static BUILTINS: &[Builtin] = &[
     builtin!(
         "cache_aware",
         "policy_cache_aware",
-        "prefix-cache affinity on an approximate radix tree of the prompt, balanced by load"
+        "prefix-cache affinity on an approximate radix tree of the prompt, balanced by load",
+        Some(cache_aware_tunables)
     ),
 ];
 

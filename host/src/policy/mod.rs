@@ -6,6 +6,7 @@
 //! Where a worker is chosen: [`choose`] (called by `forward::Forwarder::pick`).
 
 pub mod builtin;
+pub mod loader;
 pub mod slots;
 pub mod sync;
 
@@ -51,31 +52,42 @@ pub fn fallback_choice(candidates: &[Candidate]) -> u32 {
     tied[FALLBACK_ROTATION.fetch_add(1, Ordering::Relaxed) % tied.len()]
 }
 
+fn eligible(w: &Worker, role: Role, exclude: &[u32]) -> bool {
+    w.role == role && w.is_healthy() && !exclude.contains(&w.id) && w.breaker_allows()
+}
+
 /// The eligible workers of `role` for a request (healthy, breaker admitting), excluding
-/// ids already tried.
-/// Engine load is attached when scraping is on and the sample is fresh.
-pub fn candidates(set: &WorkerSet, role: Role, exclude: &[u32]) -> Vec<Candidate> {
-    let max_age = crate::engine::max_age_ms();
-    let now = if max_age > 0 {
+/// ids already tried, in ascending id order. Engine load is attached when the sample is
+/// younger than `engine_max_age_ms` (0 = engine scraping off: none attached).
+pub fn candidates(
+    set: &WorkerSet,
+    role: Role,
+    exclude: &[u32],
+    engine_max_age_ms: u64,
+) -> Vec<Candidate> {
+    let now = if engine_max_age_ms > 0 {
         crate::util::uptime_ms()
     } else {
         0
     };
     set.workers
         .iter()
-        .filter(|w| {
-            w.role == role && w.is_healthy() && !exclude.contains(&w.id) && w.breaker_allows()
-        })
+        .filter(|w| eligible(w, role, exclude))
         .map(|w| Candidate {
             id: w.id,
             in_flight: w.in_flight(),
-            engine: if max_age > 0 {
-                w.engine_load(now, max_age)
+            engine: if engine_max_age_ms > 0 {
+                w.engine_load(now, engine_max_age_ms)
             } else {
                 None
             },
         })
         .collect()
+}
+
+/// Whether any worker of `role` not in `exclude` is eligible (no allocation).
+pub fn has_candidate(set: &WorkerSet, role: Role, exclude: &[u32]) -> bool {
+    set.workers.iter().any(|w| eligible(w, role, exclude))
 }
 
 /// Choose a worker for `req` with the slot's policy; `None` when no worker is eligible.
@@ -207,7 +219,7 @@ mod tests {
     use super::*;
     use crate::breaker::BreakerShared;
     use crate::workers::Registry;
-    use slots::SlotLoader;
+    use loader::SlotLoader;
     use std::path::PathBuf;
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
@@ -267,7 +279,7 @@ mod tests {
     fn a_decline_is_answered_by_the_fallback_and_never_quarantines() {
         let (l, slot) = setup("test_policy_hostile", r#"{"mode":"decline"}"#);
         let set = l.registry.snapshot();
-        let cands = candidates(&set, Role::Regular, &[]);
+        let cands = candidates(&set, Role::Regular, &[], 0);
         let fb = feedback();
         for _ in 0..20 {
             let c = choose(&slot, &req(), Stage::Regular, &set, &cands, &l.metrics, &fb).unwrap();
@@ -283,7 +295,7 @@ mod tests {
     fn traps_are_faults_reinit_the_instance_and_quarantine_after_the_limit() {
         let (l, slot) = setup("test_policy_hostile", r#"{"mode":"trap"}"#);
         let set = l.registry.snapshot();
-        let cands = candidates(&set, Role::Regular, &[]);
+        let cands = candidates(&set, Role::Regular, &[], 0);
         let fb = feedback();
         for _ in 0..5 {
             let c = choose(&slot, &req(), Stage::Regular, &set, &cands, &l.metrics, &fb).unwrap();
@@ -308,7 +320,7 @@ mod tests {
             .add("http://127.0.0.1:2", Role::Regular, 1)
             .unwrap();
         let set = l.registry.snapshot();
-        let cands = candidates(&set, Role::Regular, &[]);
+        let cands = candidates(&set, Role::Regular, &[], 0);
         let nudges = Arc::new(AtomicUsize::new(0));
         let n2 = nudges.clone();
         let fb = FeedbackQueue::start(

@@ -1,0 +1,252 @@
+//! The wasmtime engine shared by every policy: configuration, the linker, sandbox limits,
+//! the epoch ticker (parks when idle) and the compiled-component cache.
+
+use crate::version::PolicyVersion;
+use crate::{IDLE_TICKS, PolicyPre, PolicyState, PolicyWorld, TICK, WorkerInfo, wasi};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+/// The epoch ticker: bumps the engine's epoch every [`TICK`] while guest calls run, and
+/// parks when none ran for [`IDLE_TICKS`] ticks, so an idle router costs no wake-ups.
+///
+/// Parking is safe against a call that starts meanwhile (Dekker-style, all `SeqCst`): a
+/// caller bumps `calls`/`active` then reads `parked`; the ticker sets `parked` then
+/// re-reads `calls`/`active` before parking. One of the two sees the other, so a running
+/// call always has a ticking epoch (its deadline fires).
+pub(crate) struct Ticker {
+    calls: AtomicU64,
+    active: AtomicU64,
+    parked: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+/// Marks a guest call in progress (keeps the ticker running).
+pub(crate) struct CallGuard<'a>(&'a Ticker);
+
+impl Ticker {
+    pub(crate) fn enter(&self) -> CallGuard<'_> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            self.parked.store(false, Ordering::SeqCst);
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+        CallGuard(self)
+    }
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sandbox limits of one policy instance.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Per-call deadline of `select` / `on-complete`, in ms (epoch ticks).
+    pub call_ms: u64,
+    /// Linear-memory cap per instance, bytes.
+    pub max_memory: usize,
+    /// Core instances a component may create (a Rust or C component needs 1-4; JS and
+    /// Python components more).
+    pub max_instances: usize,
+}
+
+/// The wasmtime engine shared by every policy, with its linker and sandbox limits.
+pub struct PolicyEngine {
+    pub(crate) engine: Engine,
+    linker: Linker<PolicyState>,
+    /// Sandbox limits.
+    pub limits: Limits,
+    pub(crate) ticker: Arc<Ticker>,
+    /// Recently compiled components by SHA-256, most recent last: a rollback to a
+    /// version seen before (A → B → A) skips compilation (tens of milliseconds).
+    compiled: Mutex<Vec<(String, PolicyPre<PolicyState>)>>,
+    /// Faults within `quarantine_window_ms` that quarantine a version (0 = never).
+    pub(crate) quarantine_faults: AtomicU64,
+    pub(crate) quarantine_window_ms: AtomicU64,
+}
+
+/// Compiled components kept for fast rollbacks.
+const COMPILED_CACHE: usize = 8;
+
+impl PolicyEngine {
+    /// Build the engine (Cranelift without its own optimisations, see
+    /// [`PolicyEngine::with_options`]) and start its epoch ticker thread (stops when the
+    /// engine drops). `timeout_ms`: per-call budget; `max_memory_mb`: per-instance cap.
+    pub fn new(timeout_ms: u64, max_memory_mb: u64) -> anyhow::Result<Arc<Self>> {
+        Self::with_options(timeout_ms, max_memory_mb, false)
+    }
+
+    /// Like [`PolicyEngine::new`]; `optimize` turns on Cranelift's optimisations. Policies
+    /// arrive already optimised by their own compiler (LLVM for Rust, C, Go): measured
+    /// here, decision cost is the same either way while compilation (start, hot swap) is
+    /// ~25 % faster without (cache_aware 176 vs 224–254 ms on one core).
+    pub fn with_options(
+        timeout_ms: u64,
+        max_memory_mb: u64,
+        optimize: bool,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut cfg = Config::new();
+        cfg.wasm_component_model(true);
+        cfg.epoch_interruption(true);
+        cfg.cranelift_opt_level(if optimize {
+            wasmtime::OptLevel::Speed
+        } else {
+            wasmtime::OptLevel::None
+        });
+        let engine = Engine::new(&cfg)?;
+        let mut linker = Linker::new(&engine);
+        PolicyWorld::add_to_linker::<PolicyState, HasSelf<PolicyState>>(&mut linker, |s| s)?;
+        let ticker = Arc::new(Ticker {
+            calls: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let me = Arc::new(PolicyEngine {
+            engine,
+            linker,
+            limits: Limits {
+                call_ms: timeout_ms.max(1),
+                max_memory: (max_memory_mb as usize) << 20,
+                max_instances: 4,
+            },
+            ticker: ticker.clone(),
+            compiled: Mutex::new(Vec::new()),
+            quarantine_faults: AtomicU64::new(5),
+            quarantine_window_ms: AtomicU64::new(10_000),
+        });
+        let weak: Weak<PolicyEngine> = Arc::downgrade(&me);
+        let handle = std::thread::Builder::new()
+            .name("policy-epoch".into())
+            .spawn(move || {
+                let mut seen = u64::MAX;
+                let mut quiet = 0u32;
+                while let Some(e) = weak.upgrade() {
+                    e.engine.increment_epoch();
+                    let t = &e.ticker;
+                    let calls = t.calls.load(Ordering::SeqCst);
+                    if calls != seen || t.active.load(Ordering::SeqCst) > 0 {
+                        seen = calls;
+                        quiet = 0;
+                    } else {
+                        quiet += 1;
+                    }
+                    if quiet >= IDLE_TICKS {
+                        t.parked.store(true, Ordering::SeqCst);
+                        let busy = t.calls.load(Ordering::SeqCst) != seen
+                            || t.active.load(Ordering::SeqCst) > 0;
+                        drop(e);
+                        if busy {
+                            continue;
+                        }
+                        // Woken by the next call; the timeout only lets the thread notice
+                        // that the engine was dropped.
+                        std::thread::park_timeout(Duration::from_secs(60));
+                        quiet = 0;
+                        continue;
+                    }
+                    drop(e);
+                    std::thread::sleep(TICK);
+                }
+            })?;
+        let _ = ticker.thread.set(handle.thread().clone());
+        Ok(me)
+    }
+
+    /// Quarantine a version after `faults` faults within `window` (`faults` 0 = never).
+    pub fn set_quarantine(&self, faults: u32, window: Duration) {
+        self.quarantine_faults
+            .store(faults as u64, Ordering::Relaxed);
+        self.quarantine_window_ms
+            .store(window.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// True while the epoch ticker is parked (no guest call for a while).
+    pub fn ticker_parked(&self) -> bool {
+        self.ticker.parked.load(Ordering::SeqCst)
+    }
+
+    /// Compile and validate a policy component: compile, link, instantiate, `init`
+    /// with `config`, then `workers-changed(workers)` at `generation`. `name` labels it
+    /// in logs and metrics; `sha256` is the hex digest of `bytes` (the caller hashed the
+    /// bytes it read, once). Errors say which step failed (not a component, wrong world,
+    /// `init` refused, trap) with the guest's own message first.
+    pub fn load(
+        self: &Arc<Self>,
+        name: &str,
+        source: &str,
+        bytes: &[u8],
+        sha256: &str,
+        config: &str,
+        generation: u64,
+        workers: &[WorkerInfo],
+    ) -> anyhow::Result<Arc<PolicyVersion>> {
+        let cached = {
+            let mut c = self.compiled.lock();
+            c.iter().position(|(h, _)| *h == sha256).map(|i| {
+                let e = c.remove(i);
+                let pre = e.1.clone();
+                c.push(e);
+                pre
+            })
+        };
+        let pre = match cached {
+            Some(pre) => pre,
+            None => {
+                let component = Component::new(&self.engine, bytes)
+                    .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+                let mut linker = self.linker.clone();
+                wasi::link_wasi(&mut linker, &self.engine, &component)?;
+                let pre = linker
+                    .instantiate_pre(&component)
+                    .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
+                let pre = PolicyPre::new(pre).map_err(|e| {
+                    anyhow::anyhow!(
+                        "component does not export vllm:router-policy/balancer@0.1.x: {e:#}"
+                    )
+                })?;
+                let mut c = self.compiled.lock();
+                c.push((sha256.to_string(), pre.clone()));
+                if c.len() > COMPILED_CACHE {
+                    c.remove(0);
+                }
+                pre
+            }
+        };
+        let version = Arc::new(PolicyVersion {
+            name: name.to_string(),
+            label: format!("{name}@{}", &sha256[..12.min(sha256.len())]).into(),
+            sha256: sha256.to_string(),
+            source: source.to_string(),
+            config: config.to_string(),
+            loaded_at: SystemTime::now(),
+            engine: self.clone(),
+            pre,
+            live: Mutex::new(None),
+            workers: Mutex::new((0, Arc::new(Vec::new()))),
+            synced: AtomicU64::new(u64::MAX),
+            faults: AtomicU64::new(0),
+            inits: AtomicU64::new(0),
+            recent_faults: Mutex::new(std::collections::VecDeque::new()),
+            quarantined: AtomicBool::new(false),
+            newly_quarantined: AtomicBool::new(false),
+        });
+        // Validate now: a version that cannot start is refused before it serves. The
+        // instance made here is the one that serves (init runs once per load).
+        let live = version.instantiate()?;
+        *version.live.lock() = Some(live);
+        version
+            .workers_changed(generation, Arc::new(workers.to_vec()))
+            .map_err(|f| anyhow::anyhow!("workers-changed failed: {f}"))?;
+        Ok(version)
+    }
+}

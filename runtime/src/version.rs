@@ -1,0 +1,419 @@
+//! One loaded policy version: its single live instance, the guest calls (`select`,
+//! `workers-changed`, `on-complete`, state hand-off), fault classification and
+//! quarantine.
+
+use crate::engine::PolicyEngine;
+use crate::{
+    Completion, PolicyPre, PolicyState, PolicyWorld, RequestView, SETUP_BUDGET_FACTOR, Stage,
+    WorkerInfo, types,
+};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+use vllm_router_sdk::wire::{pack_candidate, pack_engine};
+use wasmtime::component::Resource;
+use wasmtime::{Store, StoreLimitsBuilder};
+
+pub(crate) struct Live {
+    store: Store<PolicyState>,
+    world: PolicyWorld,
+    /// Worker-set generation this instance was told about.
+    generation: u64,
+    /// Reused candidate / engine word buffers for `select`.
+    buffers: (Vec<u64>, Vec<u64>),
+}
+
+/// What went wrong in a policy call. The request is still served (by the fallback).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyFault {
+    /// The guest trapped (panic, unreachable, out of bounds, missing import, ...).
+    Trap(String),
+    /// The call exceeded `--policy-timeout-ms`.
+    Timeout,
+    /// The instance hit `--policy-max-memory-mb`.
+    OutOfMemory,
+    /// The answer named a worker that is not a candidate.
+    BadAnswer(u32),
+    /// (Re-)instantiation or `init` failed.
+    Init(String),
+}
+
+impl PolicyFault {
+    /// Metric label value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PolicyFault::Trap(_) => "trap",
+            PolicyFault::Timeout => "timeout",
+            PolicyFault::OutOfMemory => "out_of_memory",
+            PolicyFault::BadAnswer(_) => "bad_answer",
+            PolicyFault::Init(_) => "init",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyFault::Trap(m) => write!(f, "trap: {m}"),
+            PolicyFault::Timeout => write!(f, "exceeded its time limit"),
+            PolicyFault::OutOfMemory => write!(f, "exceeded its memory limit"),
+            PolicyFault::BadAnswer(id) => write!(f, "chose worker {id}, which is not a candidate"),
+            PolicyFault::Init(m) => write!(f, "could not start: {m}"),
+        }
+    }
+}
+
+/// Why `select` gave no worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoChoice {
+    /// A fault: counted toward quarantine; the fallback decides.
+    Fault(PolicyFault),
+    /// The policy answered `decision::none(reason)`: the fallback decides; not a fault.
+    Declined(String),
+    /// The instance has not yet been told about the current worker set (the push is on
+    /// its way); the fallback decides this one request. Not a fault.
+    Syncing,
+}
+
+/// Longest fault message kept (the cause comes first; the wasm backtrace after it).
+const FAULT_MESSAGE_CHARS: usize = 2000;
+
+/// Turn a wasmtime error into a fault. The message puts the *cause* first (the guest's
+/// panic text, the missing import, the trap code), then the wasm backtrace, so a cut
+/// message still says what went wrong.
+fn classify(e: wasmtime::Error) -> PolicyFault {
+    if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+        if *trap == wasmtime::Trap::Interrupt {
+            return PolicyFault::Timeout;
+        }
+    }
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    let all = chain.join(" | ");
+    if all.contains("forcing trap when growing memory") || all.contains("memory minimum size") {
+        return PolicyFault::OutOfMemory;
+    }
+    // wasmtime puts the backtrace in the outermost message and the trap in a cause.
+    let (backtrace, causes): (Vec<&String>, Vec<&String>) =
+        chain.iter().partition(|m| m.contains("wasm backtrace"));
+    let mut msg = causes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(": ");
+    if let Some(b) = backtrace.first() {
+        if !msg.is_empty() {
+            msg.push_str(" — ");
+        }
+        msg.push_str(&b.replace('\n', " "));
+    }
+    PolicyFault::Trap(msg.chars().take(FAULT_MESSAGE_CHARS).collect())
+}
+
+/// One loaded, validated policy component: its identity, its compiled pre-instance, and
+/// its single live instance (state such as counters and trees lives there).
+pub struct PolicyVersion {
+    /// Policy name (built-in name or file stem).
+    pub name: String,
+    /// `name@sha256[..12]`, used in logs and metric labels.
+    pub label: Arc<str>,
+    /// SHA-256 of the component bytes, hex.
+    pub sha256: String,
+    /// Where it came from: `builtin:NAME` or a file path.
+    pub source: String,
+    /// JSON config given to `init`.
+    pub config: String,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    pub(crate) engine: Arc<PolicyEngine>,
+    pub(crate) pre: PolicyPre<PolicyState>,
+    pub(crate) live: Mutex<Option<Live>>,
+    /// The latest worker set pushed (generation, workers), replayed into a fresh
+    /// instance after a fault.
+    pub(crate) workers: Mutex<(u64, Arc<Vec<WorkerInfo>>)>,
+    /// Generation the live instance knows (`u64::MAX` = none); read without the lock.
+    pub(crate) synced: AtomicU64,
+    pub(crate) faults: AtomicU64,
+    pub(crate) inits: AtomicU64,
+    pub(crate) recent_faults: Mutex<std::collections::VecDeque<Instant>>,
+    pub(crate) quarantined: AtomicBool,
+    pub(crate) newly_quarantined: AtomicBool,
+}
+
+impl std::fmt::Debug for PolicyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyVersion")
+            .field("label", &self.label)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+fn to_wit_worker(w: &WorkerInfo) -> types::Worker {
+    types::Worker {
+        id: w.id,
+        url: w.url.clone(),
+        role: match w.role {
+            vllm_router_sdk::Role::Regular => types::Role::Regular,
+            vllm_router_sdk::Role::Prefill => types::Role::Prefill,
+            vllm_router_sdk::Role::Decode => types::Role::Decode,
+        },
+        dp_rank: w.dp_rank,
+        labels: w.labels.clone(),
+    }
+}
+
+impl PolicyVersion {
+    pub(crate) fn instantiate(&self) -> anyhow::Result<Live> {
+        let _call = self.engine.ticker.enter();
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.engine.limits.max_memory)
+            .trap_on_grow_failure(true)
+            .instances(self.engine.limits.max_instances)
+            .build();
+        let state = PolicyState {
+            current: None,
+            label: self.label.clone(),
+            limits,
+            started: Instant::now(),
+            log_window: (0, 0),
+        };
+        let mut store = Store::new(&self.engine.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+        let world = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| anyhow::anyhow!("instantiation failed: {}", classify(e)))?;
+        self.inits.fetch_add(1, Ordering::Relaxed);
+        match world
+            .vllm_router_policy_balancer()
+            .call_init(&mut store, &self.config)
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => anyhow::bail!("init refused the config: {msg}"),
+            Err(e) => anyhow::bail!("init failed: {}", classify(e)),
+        }
+        Ok(Live {
+            store,
+            world,
+            generation: u64::MAX,
+            buffers: (Vec::new(), Vec::new()),
+        })
+    }
+
+    /// Bring a (possibly fresh) instance up to the latest pushed worker set.
+    fn catch_up(&self, live: &mut Live) -> Result<(), PolicyFault> {
+        let (generation, workers) = {
+            let w = self.workers.lock();
+            (w.0, w.1.clone())
+        };
+        if live.generation == generation {
+            return Ok(());
+        }
+        let list: Vec<types::Worker> = workers.iter().map(to_wit_worker).collect();
+        live.store
+            .set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+        live.world
+            .vllm_router_policy_balancer()
+            .call_workers_changed(&mut live.store, &list)
+            .map_err(classify)?;
+        live.generation = generation;
+        self.synced.store(generation, Ordering::Release);
+        Ok(())
+    }
+
+    /// Run `f` on the live instance, instantiating it (init + the latest worker set) if
+    /// a fault dropped it. A fault drops the instance so the next call starts clean.
+    fn with_live<R>(
+        &self,
+        f: impl FnOnce(&mut Live) -> Result<R, PolicyFault>,
+    ) -> Result<R, PolicyFault> {
+        let _call = self.engine.ticker.enter();
+        let mut guard = self.live.lock();
+        if guard.is_none() {
+            match self.instantiate() {
+                Ok(l) => *guard = Some(l),
+                Err(e) => {
+                    let fault = PolicyFault::Init(format!("{e:#}"));
+                    self.note_fault();
+                    return Err(fault);
+                }
+            }
+        }
+        let live = guard.as_mut().expect("instance present");
+        let out = self.catch_up(live).and_then(|()| f(live));
+        if let Err(fault) = &out {
+            if !matches!(fault, PolicyFault::BadAnswer(_)) {
+                *guard = None;
+                self.synced.store(u64::MAX, Ordering::Release);
+            }
+            self.note_fault();
+        }
+        out
+    }
+
+    fn note_fault(&self) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+        let limit = self.engine.quarantine_faults.load(Ordering::Relaxed) as usize;
+        if limit == 0 {
+            return;
+        }
+        let window =
+            Duration::from_millis(self.engine.quarantine_window_ms.load(Ordering::Relaxed));
+        let now = Instant::now();
+        let mut q = self.recent_faults.lock();
+        q.push_back(now);
+        while q.front().is_some_and(|t| now.duration_since(*t) > window) {
+            q.pop_front();
+        }
+        if q.len() >= limit && !self.quarantined.swap(true, Ordering::AcqRel) {
+            self.newly_quarantined.store(true, Ordering::Release);
+        }
+    }
+
+    /// True once the version failed `--policy-quarantine-faults` times within the
+    /// window: the router stops calling it (the fallback decides) until a new version
+    /// is loaded into the slot.
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    /// True exactly once, after the version became quarantined (for logs and metrics).
+    pub fn take_newly_quarantined(&self) -> bool {
+        self.newly_quarantined.swap(false, Ordering::AcqRel)
+    }
+
+    /// Push a new worker set (`workers-changed`) at `generation`. Called by the host when
+    /// its registry publishes a set, off the request path; a no-op when the instance
+    /// already has it. A fault here is counted like any other.
+    pub fn workers_changed(
+        &self,
+        generation: u64,
+        workers: Arc<Vec<WorkerInfo>>,
+    ) -> Result<(), PolicyFault> {
+        {
+            let mut w = self.workers.lock();
+            if w.0 == generation && self.synced.load(Ordering::Acquire) == generation {
+                return Ok(());
+            }
+            *w = (generation, workers);
+        }
+        self.with_live(|_| Ok(()))
+    }
+
+    /// The worker-set generation the live instance knows (`u64::MAX`: none).
+    pub fn synced_generation(&self) -> u64 {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Ask the policy for a worker. `candidates` must be non-empty and in ascending id
+    /// order; the answer is validated against them. `generation`: the worker set the
+    /// candidates come from; when the instance does not know it yet, the answer is
+    /// [`NoChoice::Syncing`] without a guest call (`workers-changed` never runs on a
+    /// client's request).
+    pub fn select(
+        &self,
+        req: Arc<dyn RequestView>,
+        stage: Stage,
+        generation: u64,
+        candidates: &[vllm_router_sdk::Candidate],
+    ) -> Result<u32, NoChoice> {
+        // The live instance knows this set; or it was dropped by a fault and will be
+        // revived with the set it was last pushed (which is this one). Otherwise the
+        // host's push of this set has not arrived yet.
+        if self.synced.load(Ordering::Acquire) != generation && self.workers.lock().0 != generation
+        {
+            return Err(NoChoice::Syncing);
+        }
+        let r = self.with_live(|live| {
+            if live.generation != generation {
+                return Ok(None);
+            }
+            // Pack into buffers kept with the instance: no allocation per decision.
+            let (mut words, mut engine) = std::mem::take(&mut live.buffers);
+            words.clear();
+            engine.clear();
+            words.extend(candidates.iter().map(pack_candidate));
+            if candidates.iter().any(|c| c.engine.is_some()) {
+                engine.extend(candidates.iter().map(|c| pack_engine(c.engine.as_ref())));
+            }
+            live.store.data_mut().current = Some((req, stage));
+            live.store.set_epoch_deadline(self.engine.limits.call_ms);
+            let r = live.world.vllm_router_policy_balancer().call_select(
+                &mut live.store,
+                Resource::new_borrow(0),
+                &words,
+                &engine,
+            );
+            live.buffers = (words, engine);
+            live.store.data_mut().current = None;
+            match r.map_err(classify)? {
+                types::Decision::Worker(id)
+                    if candidates.binary_search_by_key(&id, |c| c.id).is_ok() =>
+                {
+                    Ok(Some(Ok(id)))
+                }
+                types::Decision::Worker(id) => Err(PolicyFault::BadAnswer(id)),
+                types::Decision::None(why) => Ok(Some(Err(why.chars().take(200).collect()))),
+            }
+        });
+        match r {
+            Ok(Some(Ok(id))) => Ok(id),
+            Ok(Some(Err(why))) => Err(NoChoice::Declined(why)),
+            Ok(None) => Err(NoChoice::Syncing),
+            Err(f) => Err(NoChoice::Fault(f)),
+        }
+    }
+
+    /// Tell the policy a request it routed has ended (call from the feedback thread, see
+    /// [`feedback::FeedbackQueue`]).
+    pub fn complete(&self, done: Completion) -> Result<(), PolicyFault> {
+        self.with_live(|live| {
+            live.store.set_epoch_deadline(self.engine.limits.call_ms);
+            live.world
+                .vllm_router_policy_balancer()
+                .call_on_complete(&mut live.store, done)
+                .map_err(classify)
+        })
+    }
+
+    /// The policy's exported state (empty when it has none or fails).
+    pub fn export_state(&self) -> Vec<u8> {
+        self.with_live(|live| {
+            live.store
+                .set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+            live.world
+                .vllm_router_policy_balancer()
+                .call_export_state(&mut live.store)
+                .map_err(classify)
+        })
+        .unwrap_or_default()
+    }
+
+    /// Hand state from a previous version; `Ok(false)` when the policy declined it.
+    pub fn import_state(&self, state: &[u8]) -> Result<bool, PolicyFault> {
+        self.with_live(|live| {
+            live.store
+                .set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+            let r = live
+                .world
+                .vllm_router_policy_balancer()
+                .call_import_state(&mut live.store, state)
+                .map_err(classify)?;
+            Ok(r.is_ok())
+        })
+    }
+
+    /// Faults counted so far.
+    pub fn faults(&self) -> u64 {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    /// Times `init` ran for this version (1 after a load; +1 per fault that forced a
+    /// fresh instance).
+    pub fn inits(&self) -> u64 {
+        self.inits.load(Ordering::Relaxed)
+    }
+}

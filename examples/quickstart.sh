@@ -47,7 +47,7 @@ KEY="quickstart-admin-key-$RANDOM$RANDOM"
 MPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 echo "== vllm-router --policy-wasm $POLICY  ($FIRST)"
 "$BIN/vllm-router" --worker-urls "${URLS[@]}" --policy-wasm "$POLICY" --port 0 --prometheus-port "$MPORT" \
-  --admin-api-key "$KEY" --watch-debounce-ms 50 --log-level warn,vllm_router::app=info >"$WORK/router.log" 2>&1 &
+  --admin-api-key "$KEY" --watch-debounce-ms 50 --log-level warn,vllm_router::app=info,vllm_router::policy=info >"$WORK/router.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 300); do grep -q "listening on" "$WORK/router.log" && break; sleep 0.05; done
 ROUTER=$(grep -o 'listening on http://[0-9.:]*' "$WORK/router.log" | awk '{print $3}')

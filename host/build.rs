@@ -6,14 +6,8 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// (crate name, artifact stem) of each built-in policy.
-const POLICIES: &[(&str, &str)] = &[
-    ("policy-round-robin", "policy_round_robin"),
-    ("policy-random", "policy_random"),
-    ("policy-consistent-hash", "policy_consistent_hash"),
-    ("policy-power-of-two", "policy_power_of_two"),
-    ("policy-cache-aware", "policy_cache_aware"),
-];
+// The built-in list, shared with `policy::builtin` (one place to add a built-in).
+include!("src/policy/builtin_list.rs");
 
 fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
@@ -22,6 +16,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", workspace.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    println!(
+        "cargo:rerun-if-changed={}",
+        manifest.join("src/policy/builtin_list.rs").display()
+    );
     let target_root = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|p| {
@@ -47,7 +45,7 @@ fn main() {
             "--target-dir",
         ])
         .arg(&policy_target);
-    for (krate, _) in POLICIES {
+    for (_, krate, _, _) in BUILTIN_LIST {
         cmd.args(["-p", krate]);
     }
     // The outer build's variables must not leak into the inner one.
@@ -72,16 +70,23 @@ fn main() {
         );
     }
     let out = policy_target.join("wasm32-wasip2").join("policy");
-    for (_, stem) in POLICIES {
+    // The embedded bytes, in BUILTIN_LIST's order.
+    let mut table = String::from(
+        "/// Component bytes of each built-in, in `BUILTIN_LIST` order.\npub static BUILTIN_WASM: &[&[u8]] = &[\n",
+    );
+    for (_, _, stem, _) in BUILTIN_LIST {
         let f = out.join(format!("{stem}.wasm"));
         assert!(
             f.exists(),
             "expected {} after the policy build",
             f.display()
         );
+        table.push_str(&format!(
+            "    include_bytes!({:?}),\n",
+            f.display().to_string()
+        ));
     }
-    println!(
-        "cargo:rustc-env=VLLM_ROUTER_POLICY_WASM_DIR={}",
-        out.display()
-    );
+    table.push_str("];\n");
+    let generated = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("builtin_wasm.rs");
+    std::fs::write(&generated, table).expect("write builtin_wasm.rs");
 }

@@ -29,50 +29,34 @@ fn cache_aware_tunables(a: &crate::config::Args) -> serde_json::Map<String, serd
     }
 }
 
-macro_rules! builtin {
-    ($name:literal, $stem:literal, $about:literal) => {
-        builtin!($name, $stem, $about, None)
-    };
-    ($name:literal, $stem:literal, $about:literal, $tunables:expr) => {
-        Builtin {
-            name: $name,
-            about: $about,
-            tunables: $tunables,
-            wasm: include_bytes!(concat!(
-                env!("VLLM_ROUTER_POLICY_WASM_DIR"),
-                "/",
-                $stem,
-                ".wasm"
-            )),
-        }
-    };
+mod list {
+    include!("builtin_list.rs");
+    include!(concat!(env!("OUT_DIR"), "/builtin_wasm.rs"));
 }
 
-/// All built-in policies.
-pub static BUILTINS: &[Builtin] = &[
-    builtin!(
-        "round_robin",
-        "policy_round_robin",
-        "next eligible worker in id order"
-    ),
-    builtin!("random", "policy_random", "uniform random eligible worker"),
-    builtin!(
-        "consistent_hash",
-        "policy_consistent_hash",
-        "session affinity on a hash ring (160 virtual nodes), next-member fallback, optional bounded load"
-    ),
-    builtin!(
-        "power_of_two",
-        "policy_power_of_two",
-        "less loaded of two random eligible workers (in-flight + engine queue)"
-    ),
-    builtin!(
-        "cache_aware",
-        "policy_cache_aware",
-        "prefix-cache affinity on an approximate radix tree of the prompt, balanced by load",
-        Some(cache_aware_tunables)
-    ),
-];
+/// The flag → config mapping of a built-in, by name (`None`: it takes no flags).
+fn tunables_of(
+    name: &str,
+) -> Option<fn(&crate::config::Args) -> serde_json::Map<String, serde_json::Value>> {
+    match name {
+        "cache_aware" => Some(cache_aware_tunables),
+        _ => None,
+    }
+}
+
+/// All built-in policies (from `builtin_list.rs`, the one list).
+pub static BUILTINS: std::sync::LazyLock<Vec<Builtin>> = std::sync::LazyLock::new(|| {
+    list::BUILTIN_LIST
+        .iter()
+        .zip(list::BUILTIN_WASM)
+        .map(|(&(name, _, _, about), wasm)| Builtin {
+            name,
+            about,
+            wasm,
+            tunables: tunables_of(name),
+        })
+        .collect()
+});
 
 /// Look up a built-in by name.
 pub fn find(name: &str) -> Option<&'static Builtin> {

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use vllm_router_runtime::feedback::{DEFAULT_CAPACITY, FeedbackQueue};
 use vllm_router_sdk::Role;
 
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
@@ -338,6 +339,17 @@ impl App {
 /// Logs `vllm-router listening on http://ADDR` with the bound address (so `--port 0`
 /// works: tests read the port from that line).
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    run_until(args, shutdown_signal(), Box::new(|| {})).await
+}
+
+/// Like [`run`], stopping when `shutdown` completes (instead of on a signal).
+/// `before_forced_exit` runs when the grace period ends with requests still in flight,
+/// just before the process exits (`vllm-router serve` stops its engines there).
+pub async fn run_until(
+    args: Args,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    before_forced_exit: Box<dyn FnOnce() + Send>,
+) -> anyhow::Result<()> {
     let App {
         router,
         metrics,
@@ -384,13 +396,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let grace = Duration::from_secs(args.shutdown_grace_period_secs);
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            shutdown.await;
             // In-flight requests and streams get the grace period, then we exit anyway.
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 tracing::warn!(
                     "grace period ({grace:?}) over with requests still in flight; exiting"
                 );
+                before_forced_exit();
                 std::process::exit(0);
             });
         })

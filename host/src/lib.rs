@@ -23,7 +23,8 @@
 //!   vLLM engine-load scraping;
 //! - [`metrics`]: the router's Prometheus metrics (+ registry gauges as a Collector);
 //!   [`fleet`]: the workers' vLLM metrics summed for `GET /metrics` on the serving port;
-//! - [`util`]: the shared clock.
+//! - [`serve`]: `vllm-router serve MODEL …` (engines + router in one command);
+//!   [`util`]: the shared clock.
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod pd;
 pub mod policy;
 pub mod request;
+pub mod serve;
 pub mod server;
 pub mod util;
 pub mod watch;

@@ -43,17 +43,50 @@ fn export_policy(spec: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    tune_allocator();
-    vllm_router::util::mark_start();
-    let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .map_err(|e| anyhow::anyhow!("--log-level '{}': {e}", args.log_level))?;
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("--log-level '{level}': {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    Ok(())
+}
+
+fn finish(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        // One readable line (with causes) rather than a debug dump with a backtrace.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    tune_allocator();
+    vllm_router::util::mark_start();
+    let argv: Vec<String> = std::env::args().collect();
+    if vllm_router::serve::is_serve(&argv) {
+        let plan = match vllm_router::serve::parse(&argv) {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        };
+        init_logging(&plan.router.log_level)?;
+        return finish(runtime()?.block_on(vllm_router::serve::run(plan)));
+    }
+    let args = Args::parse();
+    init_logging(&args.log_level)?;
     if let Some(spec) = &args.export_policy {
         return export_policy(spec);
     }
@@ -61,14 +94,5 @@ fn main() -> anyhow::Result<()> {
         eprintln!("error: {e}");
         std::process::exit(2);
     }
-    let result = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(vllm_router::app::run(args));
-    if let Err(e) = result {
-        // One readable line (with causes) rather than a debug dump with a backtrace.
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
-    Ok(())
+    finish(runtime()?.block_on(vllm_router::app::run(args)))
 }

@@ -52,6 +52,26 @@ pub fn canonical_file(file: &Path) -> PathBuf {
     }
 }
 
+/// The slots an event on `path` may concern: those loaded from it, or, when none is,
+/// every slot whose file is in the same directory. The second case is a Kubernetes
+/// ConfigMap volume: kubelet updates it by swapping a `..data` symlink, so the events
+/// name `..data`/`..data_tmp`, never the policy file (which is a symlink through
+/// `..data`).
+fn affected(slots: &PolicySlots, path: &Path) -> Vec<Arc<crate::policy::PolicySlot>> {
+    let exact = slots.loaded_from(path);
+    if !exact.is_empty() {
+        return exact;
+    }
+    let Some(dir) = path.parent() else {
+        return exact;
+    };
+    slots
+        .every_slot()
+        .into_iter()
+        .filter(|s| s.file().as_deref().and_then(Path::parent) == Some(dir))
+        .collect()
+}
+
 impl PolicyWatcher {
     /// Start watching; file events are handled on a dedicated thread (compiling a
     /// component takes tens of milliseconds and must stay off the request path). Events
@@ -87,11 +107,18 @@ impl PolicyWatcher {
                             if pending.is_empty() || last_event.elapsed() < debounce {
                                 continue;
                             }
+                            let mut due: Vec<Arc<crate::policy::PolicySlot>> = Vec::new();
                             for path in pending.drain() {
-                                for slot in slots.loaded_from(&path) {
-                                    // Errors are logged, counted and recorded by `reload`.
-                                    let _ = loader.reload(&slot, None, None);
+                                for slot in affected(&slots, &path) {
+                                    if !due.iter().any(|d| Arc::ptr_eq(d, &slot)) {
+                                        due.push(slot);
+                                    }
                                 }
+                            }
+                            for slot in due {
+                                // Errors are logged, counted and recorded by `reload`;
+                                // identical bytes are skipped there (hash only).
+                                let _ = loader.reload(&slot, None, None);
                             }
                         }
                         Err(RecvTimeoutError::Disconnected) => return,

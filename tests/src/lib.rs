@@ -84,14 +84,19 @@ impl Proc {
             let _ = c.wait();
         }
     }
+    /// The exit status if the process has exited (reaps it), else `None`.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let s = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(s)
+    }
     /// Send SIGTERM and wait up to `timeout` for exit; returns whether it exited.
     pub fn terminate(&mut self, timeout: Duration) -> bool {
         let Some(c) = self.child.as_mut() else {
             return true;
         };
         let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
+            .args(["-s", "TERM", "--", &c.id().to_string()])
             .status();
         let end = Instant::now() + timeout;
         while Instant::now() < end {
@@ -160,8 +165,14 @@ pub fn start_router(workers: &[String], extra: &[&str]) -> Proc {
     if !workers.is_empty() {
         cmd.arg("--worker-urls").args(workers);
     }
+    cmd.args(extra);
+    spawn_router(cmd)
+}
+
+/// Spawn a prepared router command (`vllm-router …` or `vllm-router serve …`) with its
+/// stdout captured; returns once it logged `vllm-router listening on http://ADDR` (30 s).
+pub fn spawn_router(mut cmd: Command) -> Proc {
     let mut child = cmd
-        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -325,6 +336,24 @@ pub async fn post_json(
         rb = rb.header(*k, *v);
     }
     rb.send().await.unwrap()
+}
+
+/// POST a small completion (`prompt`, `max_tokens: 1`) to `router` and assert 200;
+/// returns the response (body unread).
+pub async fn post_completion(
+    c: &reqwest::Client,
+    router: &Proc,
+    prompt: &str,
+) -> reqwest::Response {
+    let r = post_json(
+        c,
+        &format!("{}/v1/completions", router.url()),
+        &[],
+        &serde_json::json!({"model": "sim-model", "prompt": prompt, "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "completion through {}", router.url());
+    r
 }
 
 /// Requests a simulated worker recorded (`GET /sim/requests`).

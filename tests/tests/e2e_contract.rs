@@ -103,15 +103,10 @@ async fn pd_feedback_reaches_both_slots_with_their_stage() {
     );
     let c = client();
     for i in 0..3 {
-        let r = post_json(
-            &c,
-            &format!("{}/v1/completions", router.url()),
-            &[],
-            &json!({"model": "sim-model", "prompt": format!("x{i}"), "max_tokens": 2}),
-        )
-        .await;
-        assert_eq!(r.status(), 200);
-        let _ = r.text().await;
+        let _ = post_completion(&c, &router, &format!("x{i}"))
+            .await
+            .text()
+            .await;
     }
     let pre = wait_log(&router, "probe complete stage=Prefill", 3).await;
     let dec = wait_log(&router, "probe complete stage=Decode", 3).await;
@@ -312,14 +307,7 @@ async fn get_metrics_on_the_serving_port_sums_the_fleets_vllm_metrics() {
     let router = start_router(&urls(&sims), &["--policy", "round_robin"]);
     let c = client();
     for i in 0..6 {
-        let r = post_json(
-            &c,
-            &format!("{}/v1/completions", router.url()),
-            &[],
-            &json!({"model": "sim-model", "prompt": format!("{i}"), "max_tokens": 1}),
-        )
-        .await;
-        assert_eq!(r.status(), 200);
+        post_completion(&c, &router, &format!("{i}")).await;
     }
     let mut per_worker = 0.0;
     for s in &sims {
@@ -373,14 +361,7 @@ async fn a_policy_fault_is_logged_with_its_cause_first() {
             "warn,vllm_router::app=info",
         ],
     );
-    let r = post_json(
-        &client(),
-        &format!("{}/v1/completions", router.url()),
-        &[],
-        &json!({"model": "sim-model", "prompt": "x", "max_tokens": 1}),
-    )
-    .await;
-    assert_eq!(r.status(), 200);
+    post_completion(&client(), &router, "x").await;
     // The SDK sends the panic text to the router's log...
     let panicked = wait_log(&router, "hostile policy panics on purpose", 1).await;
     assert!(!panicked.is_empty(), "{:?}", router.log_matching("policy"));
@@ -393,4 +374,60 @@ async fn a_policy_fault_is_logged_with_its_cause_first() {
     if let Some(bt) = line.find("wasm backtrace") {
         assert!(cause < bt, "cause after the backtrace: {line}");
     }
+}
+
+/// A Kubernetes ConfigMap volume: `policy.wasm -> ..data/policy.wasm`, `..data ->
+/// ..2026_…` (a timestamped directory); kubelet updates it by writing a new directory and
+/// renaming a `..data_tmp` symlink over `..data`. No event names `policy.wasm`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_symlink_swap_is_a_hot_swap() {
+    use std::os::unix::fs::symlink;
+    let sims = start_sims(2, &[]);
+    let dir = TempDir::new("configmap");
+    std::fs::create_dir(dir.join("..v1")).unwrap();
+    std::fs::copy(
+        policy_wasm("test_policy_pick_first"),
+        dir.join("..v1/policy.wasm"),
+    )
+    .unwrap();
+    symlink("..v1", dir.join("..data")).unwrap();
+    symlink("..data/policy.wasm", dir.join("policy.wasm")).unwrap();
+    let live = dir.join("policy.wasm");
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--policy-wasm",
+            live.to_str().unwrap(),
+            "--watch-debounce-ms",
+            "50",
+        ],
+    );
+    let c = client();
+    assert_eq!(worker_of(&post_completion(&c, &router, "a").await), "w0");
+    std::fs::create_dir(dir.join("..v2")).unwrap();
+    std::fs::copy(
+        policy_wasm("test_policy_pick_last"),
+        dir.join("..v2/policy.wasm"),
+    )
+    .unwrap();
+    symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while worker_of(&post_completion(&c, &router, "b").await) != "w1" {
+        assert!(
+            Instant::now() < end,
+            "the ConfigMap-style swap was not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let m = router_metrics(&router).await;
+    assert_eq!(
+        metric_sum(
+            &m,
+            "vllm_router_policy_reloads_total",
+            &["result=\"loaded\""]
+        ),
+        1.0,
+        "{m}"
+    );
 }

@@ -38,6 +38,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 #[derive(Parser, Debug, Clone, Serialize, Deserialize)]
 #[command(name = "vllm-sim", about = "Simulated vLLM worker for tests and demos")]
 struct Args {
+    /// Model to serve (as `vllm serve MODEL`; overrides `--model`), so the simulator can
+    /// stand in for vLLM under `vllm-router serve --engine-cmd vllm-sim`.
+    #[serde(skip)]
+    served_model: Option<String>,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     #[serde(skip)]
@@ -555,7 +559,10 @@ async fn heartbeats(sim: Arc<Sim>) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(m) = args.served_model.take() {
+        args.knobs.model = m;
+    }
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
     let port = listener.local_addr()?.port();
     let sim = Arc::new(Sim {

@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR=never
 
 echo "== setup (skipped where already present)"
 rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2 || rustup target add wasm32-wasip2
-if ! python3 -c 'import pytest, openai, kubernetes_validate, maturin' 2>/dev/null; then
+if ! { python3 -c 'import pytest, openai, kubernetes_validate, maturin' 2>/dev/null && command -v hadolint >/dev/null; }; then
   python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 fi
 # promtool (Debian package `prometheus`) checks the router's metrics exposition; the

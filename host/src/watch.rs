@@ -52,8 +52,8 @@ pub fn canonical_file(file: &Path) -> PathBuf {
     }
 }
 
-/// The slots an event on `path` may concern: those loaded from it, or, when none is,
-/// every slot whose file is in the same directory. The second case is a Kubernetes
+/// The slots an event on `path` may concern: those loaded from it, or, for an event on a
+/// `..`-prefixed name, every slot whose file is in the same directory. The second case is a Kubernetes
 /// ConfigMap volume: kubelet updates it by swapping a `..data` symlink, so the events
 /// name `..data`/`..data_tmp`, never the policy file (which is a symlink through
 /// `..data`).
@@ -62,7 +62,13 @@ fn affected(slots: &PolicySlots, path: &Path) -> Vec<Arc<crate::policy::PolicySl
     if !exact.is_empty() {
         return exact;
     }
-    let Some(dir) = path.parent() else {
+    // Only kubelet's own names (`..data`, `..data_tmp`, `..2026_…` directories): other
+    // files changing beside a policy (logs, temp files) must not make it re-read.
+    let kubelet = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(".."));
+    let (true, Some(dir)) = (kubelet, path.parent()) else {
         return exact;
     };
     slots

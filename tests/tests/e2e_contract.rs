@@ -431,3 +431,34 @@ async fn a_configmap_style_symlink_swap_is_a_hot_swap() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_files_changing_beside_a_policy_do_not_reload_it() {
+    let sims = start_sims(1, &[]);
+    let dir = TempDir::new("busy-dir");
+    let live = dir.join("policy.wasm");
+    std::fs::copy(policy_wasm("test_policy_pick_first"), &live).unwrap();
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--policy-wasm",
+            live.to_str().unwrap(),
+            "--watch-debounce-ms",
+            "20",
+        ],
+    );
+    // A log file and temp files written next to the policy, as a quickstart or an
+    // operator's shell would.
+    for i in 0..20 {
+        std::fs::write(dir.join("router.log"), format!("line {i}\n")).unwrap();
+        std::fs::write(dir.join(&format!("tmp{i}")), b"x").unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = router_metrics(&router).await;
+    assert_eq!(
+        metric_sum(&m, "vllm_router_policy_reloads_total", &[]),
+        0.0,
+        "{m}"
+    );
+}

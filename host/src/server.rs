@@ -12,7 +12,6 @@ use axum::routing::get;
 use http::{HeaderMap, Method, StatusCode, header};
 use std::sync::Arc;
 use std::time::Instant;
-use vllm_router_sdk::Role;
 
 /// Largest total size of a request's header names and values, in bytes (vLLM and most
 /// proxies refuse far less; hyper itself stops at ~400 KiB with a bare 431).
@@ -371,16 +370,6 @@ async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
         return crate::pd::serve(&st.fwd, pd, Arc::new(info), permit).await;
     }
     st.fwd.forward(Arc::new(info), policy, permit).await
-}
-
-/// Workers of a role that are healthy, for logs.
-pub fn healthy_count(st: &AppState, role: Role) -> usize {
-    st.fwd
-        .registry
-        .snapshot()
-        .with_role(role)
-        .filter(|w| w.is_healthy())
-        .count()
 }
 
 /// `GET /metrics`: the fleet's vLLM metrics, summed over the workers (see

@@ -26,6 +26,29 @@ def start_sim(worker_id: str, *extra: str) -> tuple[subprocess.Popen, int]:
     return p, int(line.split()[1])
 
 
+def start_router(*args: str, exe=None) -> tuple[subprocess.Popen, int]:
+    """Start vllm-router (`exe`, default the built one) with `--port 0` and `args`; return
+    the process and the port it logged (`vllm-router listening on http://ADDR`), so there
+    is no bind-then-release race. The caller stops the process."""
+    r = subprocess.Popen([str(exe or BIN / "vllm-router"), "--port", "0", "--prometheus-port", "0",
+                          "--log-level", "warn,vllm_router::app=info", *args],
+                         stdout=subprocess.PIPE, text=True)
+    port = None
+    deadline = time.time() + 30
+    while port is None and time.time() < deadline:
+        line = r.stdout.readline()
+        if not line and r.poll() is not None:
+            break
+        if "vllm-router listening on http://" in line:
+            addr = line.split("listening on http://", 1)[1].split()[0]
+            port = int(addr.rsplit(":", 1)[1])
+    if port is None:
+        r.kill()
+        r.wait()
+        raise AssertionError("vllm-router did not start (no 'listening on' line)")
+    return r, port
+
+
 @pytest.fixture(scope="module")
 def router_url():
     procs = []
@@ -35,21 +58,9 @@ def router_url():
             p, port = start_sim(f"w{i}")
             procs.append(p)
             ports.append(port)
-        # --port 0: the router binds a free port and logs it (no bind-then-release race).
-        r = subprocess.Popen([str(BIN / "vllm-router"), "--port", "0", "--prometheus-port", "0",
-                              "--policy", "round_robin", "--log-level", "warn,vllm_router::app=info",
-                              "--worker-urls", *[f"http://127.0.0.1:{p}" for p in ports]],
-                             stdout=subprocess.PIPE, text=True)
+        r, port = start_router("--policy", "round_robin",
+                               "--worker-urls", *[f"http://127.0.0.1:{p}" for p in ports])
         procs.append(r)
-        port = None
-        deadline = time.time() + 30
-        while port is None and time.time() < deadline:
-            line = r.stdout.readline()
-            assert line or r.poll() is None, "vllm-router exited at startup"
-            if "vllm-router listening on http://" in line:
-                addr = line.split("listening on http://", 1)[1].split()[0]
-                port = int(addr.rsplit(":", 1)[1])
-        assert port, "vllm-router did not log its address"
         yield f"http://127.0.0.1:{port}"
     finally:
         for p in procs:

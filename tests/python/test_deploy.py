@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, start_sim
+from conftest import BIN, start_router, start_sim
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -83,17 +83,8 @@ def test_flags_ports_and_probes_exist_in_the_binary(overlay):
         assert "--vllm-pd-disaggregation" in args and arg_value(args, "--prefill") and arg_value(args, "--decode")
     # Probe paths answer 200 on a real router.
     sim, port = start_sim("probe-target")
-    r = subprocess.Popen([str(BIN / "vllm-router"), "--port", "0", "--prometheus-port", "0",
-                          "--log-level", "warn,vllm_router::app=info",
-                          "--worker-urls", f"http://127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    r, rport = start_router("--worker-urls", f"http://127.0.0.1:{port}")
     try:
-        rport = None
-        for _ in range(200):
-            line = r.stdout.readline()
-            if "listening on http://" in line:
-                rport = line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1]
-                break
-        assert rport, "router did not start"
         for probe in (c["livenessProbe"], c["readinessProbe"]):
             path = probe["httpGet"]["path"]
             assert probe["httpGet"]["port"] == "http"

@@ -11,7 +11,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from conftest import start_sim
+from conftest import start_router, start_sim
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,16 +42,8 @@ def test_the_wheel_installs_a_working_vllm_router_command(tmp_path):
                        capture_output=True, text=True).stdout
     assert v.startswith("vllm-router "), v
     sim, port = start_sim("wheel")
-    r = subprocess.Popen([str(exe), "--port", "0", "--prometheus-port", "0", "--log-level", "warn,vllm_router::app=info",
-                          "--worker-urls", f"http://127.0.0.1:{port}"], stdout=subprocess.PIPE, text=True)
+    r, rport = start_router("--worker-urls", f"http://127.0.0.1:{port}", exe=exe)
     try:
-        rport = None
-        for _ in range(200):
-            line = r.stdout.readline()
-            if "listening on http://" in line:
-                rport = line.split("listening on http://", 1)[1].split()[0].rsplit(":", 1)[1]
-                break
-        assert rport
         body = json.dumps({"model": "sim-model", "prompt": "hi", "max_tokens": 2}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{rport}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})

@@ -253,21 +253,32 @@ async fn the_retry_budget_refuses_retries_and_the_workers_answer_goes_to_the_cli
     assert_eq!(sim_requests(&sims[1]).await.len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hot_swap_loads_once_and_an_idle_watcher_stays_idle() {
-    let sims = start_sims(2, &[]);
-    let dir = TempDir::new("swap-once");
+/// A router serving `policy.wasm` (a copy of `pick_first`) from a fresh temp dir it
+/// watches with `debounce_ms`; returns the dir (kept alive), the file, and the router.
+fn watched_policy_router(
+    sims: &[Proc],
+    tag: &str,
+    debounce_ms: &str,
+) -> (TempDir, std::path::PathBuf, Proc) {
+    let dir = TempDir::new(tag);
     let live = dir.join("policy.wasm");
     std::fs::copy(policy_wasm("test_policy_pick_first"), &live).unwrap();
     let router = start_router(
-        &urls(&sims),
+        &urls(sims),
         &[
             "--policy-wasm",
             live.to_str().unwrap(),
             "--watch-debounce-ms",
-            "50",
+            debounce_ms,
         ],
     );
+    (dir, live, router)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_swap_loads_once_and_an_idle_watcher_stays_idle() {
+    let sims = start_sims(2, &[]);
+    let (_dir, live, router) = watched_policy_router(&sims, "swap-once", "50");
     let c = client();
     let url = format!("{}/v1/completions", router.url());
     let body = json!({"model": "sim-model", "prompt": "x", "max_tokens": 1});
@@ -435,18 +446,7 @@ async fn a_configmap_style_symlink_swap_is_a_hot_swap() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_files_changing_beside_a_policy_do_not_reload_it() {
     let sims = start_sims(1, &[]);
-    let dir = TempDir::new("busy-dir");
-    let live = dir.join("policy.wasm");
-    std::fs::copy(policy_wasm("test_policy_pick_first"), &live).unwrap();
-    let router = start_router(
-        &urls(&sims),
-        &[
-            "--policy-wasm",
-            live.to_str().unwrap(),
-            "--watch-debounce-ms",
-            "20",
-        ],
-    );
+    let (dir, _live, router) = watched_policy_router(&sims, "busy-dir", "20");
     // A log file and temp files written next to the policy, as a quickstart or an
     // operator's shell would.
     for i in 0..20 {

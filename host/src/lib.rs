@@ -24,7 +24,9 @@
 //! - [`metrics`]: the router's Prometheus metrics (+ registry gauges as a Collector);
 //!   [`fleet`]: the workers' vLLM metrics summed for `GET /metrics` on the serving port;
 //! - [`serve`]: `vllm-router serve MODEL …` (engines + router in one command);
-//!   [`util`]: the shared clock.
+//!   [`util`]: the shared clock;
+//! - [`policy_tool`]: `vllm-router policy check|new` (offline tools for policy teams;
+//!   templates in [`policy_templates`]).
 
 #![forbid(unsafe_code)]
 
@@ -41,6 +43,8 @@ pub mod health;
 pub mod metrics;
 pub mod pd;
 pub mod policy;
+pub mod policy_templates;
+pub mod policy_tool;
 pub mod request;
 pub mod serve;
 pub mod server;

@@ -73,6 +73,10 @@ fn main() -> anyhow::Result<()> {
     tune_allocator();
     vllm_router::util::mark_start();
     let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("policy") {
+        init_logging("warn,vllm_router_runtime=info")?;
+        std::process::exit(vllm_router::policy_tool::main(&argv[2..]));
+    }
     if vllm_router::serve::is_serve(&argv) {
         let plan = match vllm_router::serve::parse(&argv) {
             Ok(Some(plan)) => plan,

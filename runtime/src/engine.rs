@@ -54,9 +54,29 @@ pub struct Limits {
     pub call_ms: u64,
     /// Linear-memory cap per instance, bytes.
     pub max_memory: usize,
-    /// Core instances a component may create (a Rust or C component needs 1-4; JS and
-    /// Python components more).
+    /// Core instances a component may create. A Rust or C component needs 1-4, Go with
+    /// the SDK's adapter 2, jco's QuickJS output 11, componentize-py's 14.
     pub max_instances: usize,
+    /// Tables a component may create (each core instance may have a few).
+    pub max_tables: usize,
+    /// Linear memories a component may create (componentize-py links several modules
+    /// that each bring one). `max_memory` caps each of them.
+    pub max_memories: usize,
+}
+
+impl Limits {
+    /// The router's defaults: `call_ms` per call, `max_memory_mb` MiB per memory, room
+    /// for the largest real components (32 instances, 64 tables, 16 memories: twice
+    /// what componentize-py needs), still a fixed bound per instance.
+    pub fn new(call_ms: u64, max_memory_mb: u64) -> Limits {
+        Limits {
+            call_ms: call_ms.max(1),
+            max_memory: (max_memory_mb as usize) << 20,
+            max_instances: 32,
+            max_tables: 64,
+            max_memories: 16,
+        }
+    }
 }
 
 /// The wasmtime engine shared by every policy, with its linker and sandbox limits.
@@ -72,6 +92,8 @@ pub struct PolicyEngine {
     /// Faults within `quarantine_window_ms` that quarantine a version (0 = never).
     pub(crate) quarantine_faults: AtomicU64,
     pub(crate) quarantine_window_ms: AtomicU64,
+    /// Compiled components on disk (restarts and swaps back skip compilation).
+    disk: std::sync::OnceLock<crate::disk_cache::DiskCache>,
 }
 
 /// Compiled components kept for fast rollbacks.
@@ -79,21 +101,17 @@ const COMPILED_CACHE: usize = 8;
 
 impl PolicyEngine {
     /// Build the engine (Cranelift without its own optimisations, see
-    /// [`PolicyEngine::with_options`]) and start its epoch ticker thread (stops when the
+    /// [`PolicyEngine::with_options`]) with [`Limits::new`] and start its epoch ticker thread (stops when the
     /// engine drops). `timeout_ms`: per-call budget; `max_memory_mb`: per-instance cap.
     pub fn new(timeout_ms: u64, max_memory_mb: u64) -> anyhow::Result<Arc<Self>> {
-        Self::with_options(timeout_ms, max_memory_mb, false)
+        Self::with_options(Limits::new(timeout_ms, max_memory_mb), false)
     }
 
     /// Like [`PolicyEngine::new`]; `optimize` turns on Cranelift's optimisations. Policies
     /// arrive already optimised by their own compiler (LLVM for Rust, C, Go): measured
     /// here, decision cost is the same either way while compilation (start, hot swap) is
     /// ~25 % faster without (cache_aware 176 vs 224–254 ms on one core).
-    pub fn with_options(
-        timeout_ms: u64,
-        max_memory_mb: u64,
-        optimize: bool,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub fn with_options(limits: Limits, optimize: bool) -> anyhow::Result<Arc<Self>> {
         let mut cfg = Config::new();
         cfg.wasm_component_model(true);
         cfg.epoch_interruption(true);
@@ -114,15 +132,12 @@ impl PolicyEngine {
         let me = Arc::new(PolicyEngine {
             engine,
             linker,
-            limits: Limits {
-                call_ms: timeout_ms.max(1),
-                max_memory: (max_memory_mb as usize) << 20,
-                max_instances: 4,
-            },
+            limits,
             ticker: ticker.clone(),
             compiled: Mutex::new(Vec::new()),
             quarantine_faults: AtomicU64::new(5),
             quarantine_window_ms: AtomicU64::new(10_000),
+            disk: std::sync::OnceLock::new(),
         });
         let weak: Weak<PolicyEngine> = Arc::downgrade(&me);
         let handle = std::thread::Builder::new()
@@ -160,6 +175,14 @@ impl PolicyEngine {
             })?;
         let _ = ticker.thread.set(handle.thread().clone());
         Ok(me)
+    }
+
+    /// Keep compiled components in `dir` (see [`crate::disk_cache`]). Errors: the
+    /// directory cannot be created, is not the router user's, or others may write it.
+    pub fn set_disk_cache(&self, dir: &std::path::Path) -> anyhow::Result<()> {
+        let cache = crate::disk_cache::DiskCache::open(dir, &self.engine)?;
+        let _ = self.disk.set(cache);
+        Ok(())
     }
 
     /// Quarantine a version after `faults` faults within `window` (`faults` 0 = never).
@@ -202,8 +225,19 @@ impl PolicyEngine {
         let pre = match cached {
             Some(pre) => pre,
             None => {
-                let component = Component::new(&self.engine, bytes)
-                    .map_err(|e| anyhow::anyhow!("not a valid WebAssembly component: {e:#}"))?;
+                let cached = self.disk.get().and_then(|d| d.get(&self.engine, sha256));
+                let component = match cached {
+                    Some(c) => c,
+                    None => {
+                        let c = Component::new(&self.engine, bytes).map_err(|e| {
+                            anyhow::anyhow!("not a valid WebAssembly component: {e:#}")
+                        })?;
+                        if let Some(d) = self.disk.get() {
+                            d.put(sha256, &c);
+                        }
+                        c
+                    }
+                };
                 let mut linker = self.linker.clone();
                 wasi::link_wasi(&mut linker, &self.engine, &component)?;
                 let pre = linker

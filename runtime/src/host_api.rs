@@ -4,16 +4,21 @@
 use crate::{LOG_LINES_PER_SEC, ReqHandle, RequestView, Stage, clock, host, types};
 use std::sync::Arc;
 use std::time::Instant;
-use wasmtime::StoreLimits;
 use wasmtime::component::Resource;
+use wasmtime::{ResourceLimiter, StoreLimits};
 
 /// Per-Store state: the current request, the log limiter and the memory limits.
 pub struct PolicyState {
     pub(crate) current: Option<(Arc<dyn RequestView>, Stage)>,
     pub(crate) label: Arc<str>,
     pub(crate) limits: StoreLimits,
+    /// Largest linear memory this instance asked for, bytes (what `policy check` reports).
+    pub(crate) peak_memory: usize,
     pub(crate) started: Instant,
     pub(crate) log_window: (u64, u32),
+    /// Partial stdout / stderr lines of the guest (WASI `output-stream`), each at most
+    /// [`crate::wasi::STDIO_LINE_MAX`] bytes before it is emitted anyway.
+    pub(crate) stdio: [Vec<u8>; 2],
 }
 
 impl PolicyState {
@@ -25,7 +30,74 @@ impl PolicyState {
     }
 }
 
+impl PolicyState {
+    /// Write one line from the policy (its `host.log` or a stdout/stderr line) to the
+    /// router's log, tagged with the slot and version; at most [`LOG_LINES_PER_SEC`]
+    /// lines per second per instance, each cut at 1,024 characters, newlines as spaces.
+    pub(crate) fn emit(&mut self, level: types::Level, message: &str) {
+        let sec = self.started.elapsed().as_secs();
+        if self.log_window.0 != sec {
+            self.log_window = (sec, 0);
+        }
+        self.log_window.1 += 1;
+        if self.log_window.1 > LOG_LINES_PER_SEC {
+            return;
+        }
+        let msg: String = message
+            .chars()
+            .take(1024)
+            .map(|c| if c == '\n' { ' ' } else { c })
+            .collect();
+        let policy = &*self.label;
+        match level {
+            types::Level::Debug => tracing::debug!(policy, "{msg}"),
+            types::Level::Info => tracing::info!(policy, "{msg}"),
+            types::Level::Warn => tracing::warn!(policy, "{msg}"),
+            types::Level::Error => tracing::error!(policy, "{msg}"),
+        }
+    }
+}
+
 impl types::Host for PolicyState {}
+
+/// The sandbox limits, plus a record of the largest memory the guest grew to.
+impl ResourceLimiter for PolicyState {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = self.limits.memory_growing(current, desired, maximum)?;
+        if ok {
+            self.peak_memory = self.peak_memory.max(desired);
+        }
+        Ok(ok)
+    }
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
 
 impl types::HostRequest for PolicyState {
     fn path(&mut self, _: Resource<ReqHandle>) -> wasmtime::Result<String> {
@@ -68,27 +140,7 @@ impl types::HostRequest for PolicyState {
 
 impl host::Host for PolicyState {
     fn log(&mut self, level: types::Level, message: String) -> wasmtime::Result<()> {
-        let sec = self.started.elapsed().as_secs();
-        if self.log_window.0 != sec {
-            self.log_window = (sec, 0);
-        }
-        self.log_window.1 += 1;
-        if self.log_window.1 > LOG_LINES_PER_SEC {
-            return Ok(());
-        }
-        // One log line per message: newlines (a panic's location line) become spaces.
-        let msg: String = message
-            .chars()
-            .take(1024)
-            .map(|c| if c == '\n' { ' ' } else { c })
-            .collect();
-        let policy = &*self.label;
-        match level {
-            types::Level::Debug => tracing::debug!(policy, "{msg}"),
-            types::Level::Info => tracing::info!(policy, "{msg}"),
-            types::Level::Warn => tracing::warn!(policy, "{msg}"),
-            types::Level::Error => tracing::error!(policy, "{msg}"),
-        }
+        self.emit(level, &message);
         Ok(())
     }
     fn now_ms(&mut self) -> wasmtime::Result<u64> {

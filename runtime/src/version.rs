@@ -170,6 +170,8 @@ impl PolicyVersion {
             .memory_size(self.engine.limits.max_memory)
             .trap_on_grow_failure(true)
             .instances(self.engine.limits.max_instances)
+            .tables(self.engine.limits.max_tables)
+            .memories(self.engine.limits.max_memories)
             .build();
         let state = PolicyState {
             current: None,
@@ -177,9 +179,11 @@ impl PolicyVersion {
             limits,
             started: Instant::now(),
             log_window: (0, 0),
+            stdio: [Vec::new(), Vec::new()],
+            peak_memory: 0,
         };
         let mut store = Store::new(&self.engine.engine, state);
-        store.limiter(|s| &mut s.limits);
+        store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
         let world = self
@@ -301,6 +305,26 @@ impl PolicyVersion {
             *w = (generation, workers);
         }
         self.with_live(|_| Ok(()))
+    }
+
+    /// Largest linear memory the live instance has grown to, bytes (0 when no instance
+    /// is live).
+    pub fn peak_memory_bytes(&self) -> usize {
+        self.live
+            .lock()
+            .as_ref()
+            .map(|l| l.store.data().peak_memory)
+            .unwrap_or(0)
+    }
+
+    /// The component's imports and exports by name (e.g. `vllm:router-policy/host@0.1.0`,
+    /// `wasi:io/streams@0.2.6`), for `vllm-router policy check`.
+    pub fn interface_names(&self) -> (Vec<String>, Vec<String>) {
+        let engine = &self.engine.engine;
+        let ty = self.pre.instance_pre().component().component_type();
+        let imports = ty.imports(engine).map(|(n, _)| n.to_string()).collect();
+        let exports = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
+        (imports, exports)
     }
 
     /// The worker-set generation the live instance knows (`u64::MAX`: none).

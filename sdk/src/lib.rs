@@ -26,6 +26,7 @@
 
 use std::fmt;
 
+pub mod config;
 pub mod routing;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;

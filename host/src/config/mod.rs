@@ -10,7 +10,14 @@ use std::path::PathBuf;
 /// vllm-router: an OpenAI-compatible router for vLLM workers whose load-balancing
 /// policies are WebAssembly components (built-in or loaded from a file, hot-swappable).
 #[derive(Parser, Debug, Clone)]
-#[command(name = "vllm-router", version, about, long_about = None, max_term_width = 100)]
+#[command(
+    name = "vllm-router",
+    version,
+    about,
+    long_about = None,
+    max_term_width = 100,
+    after_help = "Subcommands:\n  vllm-router serve MODEL ...        start vLLM engines and the router in one command (serve --help)\n  vllm-router policy check FILE      load and exercise a policy component offline (policy check --help)\n  vllm-router policy new NAME --lang rust|go|c|js|python   start a policy project"
+)]
 pub struct Args {
     /// Address to listen on for client traffic.
     #[arg(long, default_value = "127.0.0.1")]
@@ -193,6 +200,25 @@ pub struct Args {
     /// Linear-memory limit of a policy instance, in MiB.
     #[arg(long, default_value_t = 64)]
     pub policy_max_memory_mb: u64,
+
+    /// Core instances a policy component may create (bounded so a component cannot
+    /// multiply itself). Rust and C policies use 1-4, Go (SDK adapter) 2, JavaScript
+    /// (jco QuickJS) 11, Python (componentize-py) 14.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub policy_max_instances: u64,
+
+    /// Directory for compiled policy components, so a restart or a swap back to a version
+    /// seen before skips compilation (Python/JavaScript policies compile for seconds,
+    /// load from here in milliseconds). Created with mode 0700; refused (with a
+    /// warning, the router then compiles every time) if others may write to it.
+    /// Default: `$XDG_CACHE_HOME/vllm-router/compiled-policies` or
+    /// `~/.cache/vllm-router/compiled-policies`.
+    #[arg(long, value_name = "DIR", env = "VLLM_ROUTER_POLICY_CACHE_DIR")]
+    pub policy_cache_dir: Option<std::path::PathBuf>,
+
+    /// Do not keep compiled policy components on disk.
+    #[arg(long)]
+    pub no_policy_cache: bool,
 
     /// Write an embedded policy component to a file and exit, e.g.
     /// `--export-policy round_robin=./round_robin.wasm`.

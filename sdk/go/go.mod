@@ -1,0 +1,3 @@
+module vllm-router.dev/sdk
+
+go 1.24

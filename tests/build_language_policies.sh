@@ -41,6 +41,8 @@ for lang in "${langs[@]}"; do
   # Interpreted guests (a JS engine, CPython) pause for their GC for milliseconds: they
   # get a 50 ms per-call budget (--policy-timeout-ms), as the e2e tests give them.
   case $lang in js|python) budget=50 ;; *) budget=5 ;; esac
+  # The check compiles the component (the load time it reports) and leaves it in the
+  # router's compiled-component cache, so routers on this machine start it in ms.
   "$ROUTER" policy check "$dir/$name.wasm" --config '{"max_waiting": 4}' --calls 2000 \
     --policy-timeout-ms "$budget" \
     > "$OUT/$name.check.txt" 2>&1 || { cat "$OUT/$name.check.txt" >&2; exit 1; }

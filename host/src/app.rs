@@ -120,7 +120,8 @@ impl App {
         let mut limits = Limits::new(args.policy_timeout_ms, args.policy_max_memory_mb);
         limits.max_instances = args.policy_max_instances as usize;
         let engine = PolicyEngine::with_options(limits, args.policy_optimize)?;
-        if let Some(dir) = policy_cache_dir(&args) {
+        if let Some(dir) = policy_cache_dir(args.policy_cache_dir.as_deref(), args.no_policy_cache)
+        {
             match engine.set_disk_cache(&dir) {
                 Ok(()) => tracing::debug!("compiled policies cached in {}", dir.display()),
                 Err(e) => tracing::warn!("not caching compiled policies: {e:#}"),
@@ -295,6 +296,17 @@ impl App {
             } else {
                 Role::Regular
             },
+            trace: match &args.record_trace {
+                Some(p) => {
+                    tracing::info!("recording a policy trace to {}", p.display());
+                    Some(Arc::new(crate::trace::TraceRecorder::start(
+                        p.clone(),
+                        args.record_trace_max_mb.max(1) << 20,
+                        args.record_trace_text,
+                    )?))
+                }
+                None => None,
+            },
         });
         if let (Some(addr), Some(pd)) = (&args.vllm_discovery_address, &pd) {
             crate::discovery::start(addr, registry.clone(), pd.clone(), dp).await?;
@@ -417,14 +429,17 @@ pub async fn run_until(
     Ok(())
 }
 
-/// Where compiled policies are kept: `--policy-cache-dir`, else the user's cache
-/// directory; `None` with `--no-policy-cache` or when no home directory is known.
-fn policy_cache_dir(args: &Args) -> Option<std::path::PathBuf> {
-    if args.no_policy_cache {
+/// Where compiled policies are kept: `dir` (`--policy-cache-dir`), else the user's
+/// cache directory; `None` when `off` (`--no-policy-cache`) or no home is known.
+pub(crate) fn policy_cache_dir(
+    dir: Option<&std::path::Path>,
+    off: bool,
+) -> Option<std::path::PathBuf> {
+    if off {
         return None;
     }
-    if let Some(d) = &args.policy_cache_dir {
-        return Some(d.clone());
+    if let Some(d) = dir {
+        return Some(d.to_path_buf());
     }
     let base = std::env::var_os("XDG_CACHE_HOME")
         .filter(|v| !v.is_empty())

@@ -8,6 +8,8 @@
 //!   refused load. What a policy team's CI runs.
 //! - `policy new NAME --lang L`: a ready project outside this repository
 //!   ([`crate::policy_templates`]).
+//! - `policy replay FILE --trace T [--against OTHER]`: recorded traffic over a simulated
+//!   fleet ([`crate::policy_replay`]).
 
 use crate::request::RequestInfo;
 use bytes::Bytes;
@@ -40,6 +42,11 @@ enum PolicyCmd {
     /// example policy (fewest in-flight, skip long engine queues), a build.sh that
     /// writes NAME.wasm, and a README with the exact steps.
     New(crate::policy_templates::NewArgs),
+    /// Replay a recorded trace (`--record-trace`) through a policy over a simulated
+    /// fleet (prefix caches, queues): per-worker share, prefix-cache hit rate, queueing,
+    /// decision cost; with --against, two policies side by side and their agreement.
+    /// Writes a PNG chart.
+    Replay(crate::policy_replay::ReplayArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -67,6 +74,13 @@ struct CheckArgs {
     /// Core-instance limit (the router's --policy-max-instances).
     #[arg(long, default_value_t = 32)]
     policy_max_instances: u64,
+    /// Compiled-component cache, as the router's (a component compiled here then starts
+    /// in milliseconds in a router on this machine).
+    #[arg(long, value_name = "DIR", env = "VLLM_ROUTER_POLICY_CACHE_DIR")]
+    policy_cache_dir: Option<PathBuf>,
+    /// Compile without the cache (and do not fill it).
+    #[arg(long)]
+    no_policy_cache: bool,
     /// Fail when more than this share of decisions are declines (0..1).
     #[arg(long, default_value_t = 0.5)]
     max_decline_ratio: f64,
@@ -87,6 +101,7 @@ pub fn main(argv: &[String]) -> i32 {
     let r = match cli.cmd {
         PolicyCmd::Check(a) => check(&a),
         PolicyCmd::New(a) => crate::policy_templates::new_project(&a),
+        PolicyCmd::Replay(a) => crate::policy_replay::replay(&a),
     };
     match r {
         Ok(()) => 0,
@@ -144,6 +159,17 @@ fn check(a: &CheckArgs) -> anyhow::Result<()> {
     let mut limits = Limits::new(a.policy_timeout_ms, a.policy_max_memory_mb);
     limits.max_instances = a.policy_max_instances as usize;
     let engine = PolicyEngine::with_options(limits, false)?;
+    let cache = crate::app::policy_cache_dir(a.policy_cache_dir.as_deref(), a.no_policy_cache);
+    let was_cached = cache.as_ref().is_some_and(|d| {
+        std::fs::read_dir(d).is_ok_and(|mut it| {
+            it.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(&sha256)))
+        })
+    });
+    if let Some(d) = &cache {
+        if let Err(e) = engine.set_disk_cache(d) {
+            eprintln!("note: not using the compiled-component cache: {e:#}");
+        }
+    }
     let workers: Vec<WorkerInfo> = (0..a.workers.max(1))
         .map(|i| WorkerInfo {
             id: i,
@@ -202,7 +228,12 @@ fn check(a: &CheckArgs) -> anyhow::Result<()> {
         }
     );
     println!(
-        "  load           {load_ms:.0} ms (compile, instantiate, init, workers-changed, smoke select)"
+        "  load           {load_ms:.0} ms ({}, instantiate, init, workers-changed)",
+        if was_cached {
+            "compiled component from the cache"
+        } else {
+            "compile"
+        }
     );
 
     // The timed loop: a different prompt and load picture per call.

@@ -220,6 +220,21 @@ pub struct Args {
     #[arg(long)]
     pub no_policy_cache: bool,
 
+    /// Record one JSON line per routed request stage (what a policy saw and what was
+    /// decided) to this file, for `vllm-router policy replay`. Prompts are recorded as
+    /// prefix-block hashes and session keys as hashes, so a trace is safe to share.
+    #[arg(long, value_name = "PATH")]
+    pub record_trace: Option<std::path::PathBuf>,
+
+    /// Rotate the trace file at this size (MiB); the previous one becomes PATH.1.
+    #[arg(long, default_value_t = 256)]
+    pub record_trace_max_mb: u64,
+
+    /// Also record the raw routing text (the prompt) in the trace. Off by default:
+    /// prompts are user data.
+    #[arg(long)]
+    pub record_trace_text: bool,
+
     /// Write an embedded policy component to a file and exit, e.g.
     /// `--export-policy round_robin=./round_robin.wasm`.
     #[arg(long, value_name = "NAME=PATH")]

@@ -74,6 +74,8 @@ pub struct Forwarder {
     pub feedback: Arc<FeedbackQueue>,
     /// Role of the workers non-PD requests go to (decode workers in PD mode).
     pub default_role: Role,
+    /// `--record-trace`: decided request stages for `policy replay`.
+    pub trace: Option<Arc<crate::trace::TraceRecorder>>,
 }
 
 /// Who decides a request stage, among which workers.
@@ -144,6 +146,20 @@ impl Forwarder {
             &self.metrics,
             &self.feedback,
         )?;
+        if let (Some(t), true) = (&self.trace, exclude.is_empty()) {
+            let stage = match target.stage {
+                Stage::Regular => "regular",
+                Stage::Prefill => "prefill",
+                Stage::Decode => "decode",
+            };
+            t.record(
+                req,
+                stage,
+                choice.slot.as_ref().map(|s| s.name.as_str()),
+                &choice.worker.url,
+                choice.fallback,
+            );
+        }
         if target.shadows && exclude.is_empty() {
             let shadows = self.slots.shadows();
             if !shadows.is_empty() {

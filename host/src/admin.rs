@@ -156,6 +156,10 @@ struct LoadBody {
     sha256: Option<String>,
     weight: Option<u32>,
     shadow: Option<bool>,
+    /// Sandbox limits of this slot (else the router's `--policy-*` flags).
+    timeout_ms: Option<u64>,
+    max_memory_mb: Option<u64>,
+    max_instances: Option<u64>,
 }
 
 async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
@@ -207,6 +211,11 @@ async fn load(State(a): St, Path(name): Path<String>, body: axum::body::Bytes) -
     let spec = SlotSpec {
         source: source.clone(),
         config,
+        limits: crate::policy::SlotLimits {
+            timeout_ms: b.timeout_ms,
+            max_memory_mb: b.max_memory_mb,
+            max_instances: b.max_instances,
+        },
     };
     let a2 = a.clone();
     let pin = b.sha256.clone();

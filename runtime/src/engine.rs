@@ -213,6 +213,32 @@ impl PolicyEngine {
         generation: u64,
         workers: &[WorkerInfo],
     ) -> anyhow::Result<Arc<PolicyVersion>> {
+        self.load_limited(
+            name,
+            source,
+            bytes,
+            sha256,
+            config,
+            generation,
+            workers,
+            self.limits.clone(),
+        )
+    }
+
+    /// [`PolicyEngine::load`] with this version's own sandbox limits (a slot's
+    /// `timeout_ms`, `max_memory_mb`, `max_instances`) instead of the engine's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load_limited(
+        self: &Arc<Self>,
+        name: &str,
+        source: &str,
+        bytes: &[u8],
+        sha256: &str,
+        config: &str,
+        generation: u64,
+        workers: &[WorkerInfo],
+        limits: Limits,
+    ) -> anyhow::Result<Arc<PolicyVersion>> {
         let cached = {
             let mut c = self.compiled.lock();
             c.iter().position(|(h, _)| *h == sha256).map(|i| {
@@ -264,6 +290,7 @@ impl PolicyEngine {
             config: config.to_string(),
             loaded_at: SystemTime::now(),
             engine: self.clone(),
+            limits,
             pre,
             live: Mutex::new(None),
             workers: Mutex::new((0, Arc::new(Vec::new()))),

@@ -126,6 +126,8 @@ pub struct PolicyVersion {
     /// When it was loaded.
     pub loaded_at: SystemTime,
     pub(crate) engine: Arc<PolicyEngine>,
+    /// This version's sandbox limits (the engine's, or its slot's overrides).
+    pub(crate) limits: crate::Limits,
     pub(crate) pre: PolicyPre<PolicyState>,
     pub(crate) live: Mutex<Option<Live>>,
     /// The latest worker set pushed (generation, workers), replayed into a fresh
@@ -167,11 +169,11 @@ impl PolicyVersion {
     pub(crate) fn instantiate(&self) -> anyhow::Result<Live> {
         let _call = self.engine.ticker.enter();
         let limits = StoreLimitsBuilder::new()
-            .memory_size(self.engine.limits.max_memory)
+            .memory_size(self.limits.max_memory)
             .trap_on_grow_failure(true)
-            .instances(self.engine.limits.max_instances)
-            .tables(self.engine.limits.max_tables)
-            .memories(self.engine.limits.max_memories)
+            .instances(self.limits.max_instances)
+            .tables(self.limits.max_tables)
+            .memories(self.limits.max_memories)
             .build();
         let state = PolicyState {
             current: None,
@@ -185,7 +187,7 @@ impl PolicyVersion {
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+        store.set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
         let world = self
             .pre
             .instantiate(&mut store)
@@ -218,7 +220,7 @@ impl PolicyVersion {
         }
         let list: Vec<types::Worker> = workers.iter().map(to_wit_worker).collect();
         live.store
-            .set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+            .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
         live.world
             .vllm_router_policy_balancer()
             .call_workers_changed(&mut live.store, &list)
@@ -307,6 +309,11 @@ impl PolicyVersion {
         self.with_live(|_| Ok(()))
     }
 
+    /// This version's sandbox limits.
+    pub fn limits(&self) -> &crate::Limits {
+        &self.limits
+    }
+
     /// Largest linear memory the live instance has grown to, bytes (0 when no instance
     /// is live).
     pub fn peak_memory_bytes(&self) -> usize {
@@ -364,7 +371,7 @@ impl PolicyVersion {
                 engine.extend(candidates.iter().map(|c| pack_engine(c.engine.as_ref())));
             }
             live.store.data_mut().current = Some((req, stage));
-            live.store.set_epoch_deadline(self.engine.limits.call_ms);
+            live.store.set_epoch_deadline(self.limits.call_ms);
             let r = live.world.vllm_router_policy_balancer().call_select(
                 &mut live.store,
                 Resource::new_borrow(0),
@@ -395,7 +402,7 @@ impl PolicyVersion {
     /// [`feedback::FeedbackQueue`]).
     pub fn complete(&self, done: Completion) -> Result<(), PolicyFault> {
         self.with_live(|live| {
-            live.store.set_epoch_deadline(self.engine.limits.call_ms);
+            live.store.set_epoch_deadline(self.limits.call_ms);
             live.world
                 .vllm_router_policy_balancer()
                 .call_on_complete(&mut live.store, done)
@@ -407,7 +414,7 @@ impl PolicyVersion {
     pub fn export_state(&self) -> Vec<u8> {
         self.with_live(|live| {
             live.store
-                .set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+                .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
             live.world
                 .vllm_router_policy_balancer()
                 .call_export_state(&mut live.store)
@@ -420,7 +427,7 @@ impl PolicyVersion {
     pub fn import_state(&self, state: &[u8]) -> Result<bool, PolicyFault> {
         self.with_live(|live| {
             live.store
-                .set_epoch_deadline(self.engine.limits.call_ms * SETUP_BUDGET_FACTOR);
+                .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
             let r = live
                 .world
                 .vllm_router_policy_balancer()

@@ -60,6 +60,10 @@ struct SlotFileEntry {
     weight: u32,
     #[serde(default)]
     shadow: bool,
+    /// This slot's sandbox limits (else the router's `--policy-*` flags).
+    timeout_ms: Option<u64>,
+    max_memory_mb: Option<u64>,
+    max_instances: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -85,7 +89,11 @@ impl Args {
             PolicySource::Builtin(n) => self.builtin_config_with(n, config),
             PolicySource::File(_) => config.to_string(),
         };
-        crate::policy::SlotSpec { source, config }
+        crate::policy::SlotSpec {
+            source,
+            config,
+            limits: Default::default(),
+        }
     }
 
     /// The slots to start with, and whether A/B assignment is sticky: from
@@ -126,9 +134,15 @@ impl Args {
                         e.name
                     ));
                 }
+                let mut spec = self.spec(source, &config);
+                spec.limits = crate::policy::SlotLimits {
+                    timeout_ms: e.timeout_ms,
+                    max_memory_mb: e.max_memory_mb,
+                    max_instances: e.max_instances,
+                };
                 defs.push(SlotDef {
                     name: e.name,
-                    spec: self.spec(source, &config),
+                    spec,
                     weight: e.weight,
                     shadow: e.shadow,
                 });

@@ -113,7 +113,8 @@ impl SlotLoader {
             }
         }
         let set = self.registry.snapshot();
-        let version = self.engine.load(
+        let limits = spec.limits.apply(&self.engine.limits)?;
+        let version = self.engine.load_limited(
             &src.name,
             &spec.source.to_string(),
             &src.bytes,
@@ -121,6 +122,7 @@ impl SlotLoader {
             &spec.config,
             set.generation,
             &worker_infos(&set),
+            limits,
         )?;
         let cands: Vec<Candidate> = set
             .workers

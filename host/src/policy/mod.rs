@@ -13,7 +13,7 @@ pub mod sync;
 use crate::metrics::Metrics;
 use crate::request::RequestInfo;
 use crate::workers::{Worker, WorkerSet};
-pub use slots::{PolicySlot, PolicySlots, PolicySource, SlotSpec};
+pub use slots::{PolicySlot, PolicySlots, PolicySource, SlotLimits, SlotSpec};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -252,11 +252,63 @@ mod tests {
         let spec = SlotSpec {
             source: PolicySource::File(test_component(stem)),
             config: config.into(),
+            limits: Default::default(),
         };
         let s = l
             .new_slot("t", Role::Regular, spec, 100, false, None)
             .unwrap();
         (l, s)
+    }
+
+    #[test]
+    fn a_slot_may_have_its_own_limits_within_bounds() {
+        let (l, _) = setup("test_policy_pick_first", "{}");
+        let spec = |limits: SlotLimits| SlotSpec {
+            source: PolicySource::File(test_component("test_policy_pick_first")),
+            config: "{}".into(),
+            limits,
+        };
+        let own = SlotLimits {
+            timeout_ms: Some(50),
+            max_memory_mb: Some(128),
+            max_instances: Some(20),
+        };
+        let s = l
+            .new_slot("js", Role::Regular, spec(own), 100, false, None)
+            .unwrap();
+        let lim = s.current().limits().clone();
+        assert_eq!(
+            (lim.call_ms, lim.max_memory, lim.max_instances),
+            (50, 128 << 20, 20)
+        );
+        // Unset fields keep the router's flags (PolicyEngine::new(5, 16) in setup).
+        let s = l
+            .new_slot(
+                "d",
+                Role::Regular,
+                spec(SlotLimits::default()),
+                100,
+                false,
+                None,
+            )
+            .unwrap();
+        assert_eq!(s.current().limits().call_ms, 5);
+        let err = l
+            .new_slot(
+                "x",
+                Role::Regular,
+                spec(SlotLimits {
+                    timeout_ms: Some(60_000),
+                    ..Default::default()
+                }),
+                100,
+                false,
+                None,
+            )
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("timeout_ms must be 1..=1000"), "{err}");
     }
 
     fn req() -> Arc<RequestInfo> {

@@ -48,6 +48,55 @@ pub struct SlotSpec {
     pub source: PolicySource,
     /// JSON object passed to `init`.
     pub config: String,
+    /// Sandbox limits of this slot where they differ from the router's flags.
+    pub limits: SlotLimits,
+}
+
+/// A slot's own sandbox limits (`None`: the router's `--policy-*` flag). An interpreted
+/// policy (JavaScript, Python) may get a larger time budget without loosening the
+/// built-ins'. Bounded: at most 1,000 ms per call, 4,096 MiB per memory, 1,000 core
+/// instances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotLimits {
+    /// Per-call time limit, ms.
+    pub timeout_ms: Option<u64>,
+    /// Linear-memory limit per memory, MiB.
+    pub max_memory_mb: Option<u64>,
+    /// Core instances the component may create.
+    pub max_instances: Option<u64>,
+}
+
+impl SlotLimits {
+    /// `base` with these overrides applied; errors name the value out of bounds.
+    pub fn apply(
+        &self,
+        base: &vllm_router_runtime::Limits,
+    ) -> anyhow::Result<vllm_router_runtime::Limits> {
+        let mut l = base.clone();
+        if let Some(t) = self.timeout_ms {
+            anyhow::ensure!(
+                (1..=1000).contains(&t),
+                "timeout_ms must be 1..=1000, got {t}"
+            );
+            l.call_ms = t;
+        }
+        if let Some(m) = self.max_memory_mb {
+            anyhow::ensure!(
+                (1..=4096).contains(&m),
+                "max_memory_mb must be 1..=4096, got {m}"
+            );
+            l.max_memory = (m as usize) << 20;
+        }
+        if let Some(i) = self.max_instances {
+            anyhow::ensure!(
+                (1..=1000).contains(&i),
+                "max_instances must be 1..=1000, got {i}"
+            );
+            l.max_instances = i as usize;
+        }
+        Ok(l)
+    }
 }
 
 /// Outcome of the latest load attempt of a slot, shown by the admin API.
@@ -405,6 +454,7 @@ mod tests {
         let spec = SlotSpec {
             source: PolicySource::Builtin("round_robin".into()),
             config: "{}".into(),
+            limits: Default::default(),
         };
         l.new_slot(name, Role::Regular, spec, weight, shadow, None)
             .unwrap()
@@ -492,6 +542,7 @@ mod tests {
         let spec = SlotSpec {
             source: PolicySource::Builtin("random".into()),
             config: "{}".into(),
+            limits: Default::default(),
         };
         assert!(l.reload(&s, Some(spec), None).unwrap());
         assert_eq!(s.current().name, "random");
@@ -499,6 +550,7 @@ mod tests {
         let bad = SlotSpec {
             source: PolicySource::Builtin("nope".into()),
             config: "{}".into(),
+            limits: Default::default(),
         };
         assert!(l.reload(&s, Some(bad), None).is_err());
         assert_eq!(

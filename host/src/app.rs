@@ -230,8 +230,11 @@ impl App {
             )?
         };
         {
-            let f = feedback.clone();
-            registry.on_publish(Box::new(move |_| f.request_sync()));
+            let (f, m) = (feedback.clone(), metrics.clone());
+            registry.on_publish(Box::new(move |set| {
+                f.request_sync();
+                m.retain_workers(set);
+            }));
         }
         tracing::info!("policies ready in {:?}", t0.elapsed());
 
@@ -311,7 +314,29 @@ impl App {
         if let (Some(addr), Some(pd)) = (&args.vllm_discovery_address, &pd) {
             crate::discovery::start(addr, registry.clone(), pd.clone(), dp).await?;
         }
+        let discovery_synced = if args.service_discovery {
+            let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let sel = |s: &[String]| crate::k8s::parse_selector(s).map_err(|e| anyhow::anyhow!(e));
+            let cfg = crate::k8s::DiscoveryConfig {
+                selector: sel(&args.selector)?,
+                pd: if args.vllm_pd_disaggregation {
+                    Some((sel(&args.prefill_selector)?, sel(&args.decode_selector)?))
+                } else {
+                    None
+                },
+                namespace: args.service_discovery_namespace.clone(),
+                port: args.service_discovery_port,
+                drain_settle: Duration::from_secs(args.drain_settle_secs),
+                resync: Duration::from_secs(args.service_discovery_resync_secs.max(1)),
+                dp_size: args.intra_node_data_parallel_size.max(1),
+            };
+            crate::k8s::start(cfg, registry.clone(), metrics.clone(), synced.clone()).await?;
+            Some(synced)
+        } else {
+            None
+        };
         let state = Arc::new(AppState {
+            discovery_synced,
             fwd,
             pd,
             request_id_headers: args

@@ -41,6 +41,7 @@ pub mod error;
 pub mod fleet;
 pub mod forward;
 pub mod health;
+pub mod k8s;
 pub mod metrics;
 pub mod pd;
 pub mod policy;

@@ -168,6 +168,17 @@ pub struct Metrics {
     pub retries_refused: IntCounterVec,
     /// `on-complete` feedback dropped because the feedback queue was full.
     pub feedback_dropped: prometheus::IntCounter,
+    /// Workers Kubernetes discovery registered, by reason.
+    pub discovery_registrations: IntCounterVec,
+    /// Workers Kubernetes discovery removed (after their drain), by reason
+    /// (`pod_gone`, `pod_not_ready`, `pod_replaced`, `role_changed`).
+    pub discovery_deregistrations: IntCounterVec,
+    /// Kubernetes watch errors (each followed by a retry with backoff, a re-list on 410).
+    pub discovery_watch_restarts: prometheus::IntCounter,
+    /// Unix time (s) of the last completed reconcile pass.
+    pub discovery_last_sync: prometheus::IntGauge,
+    /// Workers discovery owns, by state (`serving`, `draining`).
+    pub discovery_workers: IntGaugeVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -348,7 +359,71 @@ impl Metrics {
                 r.register(Box::new(c.clone())).expect("unique metric");
                 c
             },
+            discovery_registrations: counter(
+                &r,
+                "vllm_router_discovery_registrations_total",
+                "Workers Kubernetes discovery registered, by reason.",
+                &["reason"],
+            ),
+            discovery_deregistrations: counter(
+                &r,
+                "vllm_router_discovery_deregistrations_total",
+                "Workers Kubernetes discovery removed after draining, by reason (pod_gone, pod_not_ready, pod_replaced, role_changed).",
+                &["reason"],
+            ),
+            discovery_watch_restarts: {
+                let c = prometheus::IntCounter::new(
+                    "vllm_router_discovery_watch_restarts_total",
+                    "Kubernetes pod watch errors; each is retried with backoff (a 410 re-lists).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            discovery_last_sync: {
+                let g = prometheus::IntGauge::new(
+                    "vllm_router_discovery_last_sync_timestamp_seconds",
+                    "Unix time of the last completed Kubernetes discovery reconcile pass.",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            discovery_workers: gauge(
+                &r,
+                "vllm_router_discovery_workers",
+                "Workers owned by Kubernetes discovery, by state (serving, draining).",
+                &["state"],
+            ),
             registry: r,
+        }
+    }
+
+    /// Drop the series of workers that left (every metric with a `worker` label whose
+    /// value names no worker in `set`), so a removed worker leaves no stale series.
+    /// Called on every published worker set (rare: membership changes only).
+    pub fn retain_workers(&self, set: &crate::workers::WorkerSet) {
+        let live: std::collections::HashSet<&str> = set.workers.iter().map(|w| w.name()).collect();
+        for vec in [
+            &self.upstream_errors,
+            &self.worker_requests,
+            &self.cb_transitions,
+        ] {
+            for family in vec.collect() {
+                for m in family.get_metric() {
+                    let labels = m.get_label();
+                    let stale = labels
+                        .iter()
+                        .any(|l| l.name() == "worker" && !live.contains(l.value()));
+                    if stale {
+                        // By name: collected labels come sorted by name, not in the
+                        // vec's declared order.
+                        let by_name: std::collections::HashMap<&str, &str> =
+                            labels.iter().map(|l| (l.name(), l.value())).collect();
+                        let _ = vec.remove(&by_name);
+                    }
+                }
+            }
         }
     }
 

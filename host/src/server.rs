@@ -31,6 +31,9 @@ pub struct AppState {
     pub admission: Admission,
     /// Client for scraping workers' `/metrics` (fleet metrics on `GET /metrics`).
     pub probe: crate::health::ProbeClient,
+    /// With Kubernetes discovery: true once its first list was reconciled
+    /// (`/readiness` is 503 before).
+    pub discovery_synced: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Admission control: at most `limit` generation requests in flight (held until the
@@ -156,7 +159,16 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 /// least one worker is healthy, else 503 `not_ready` with a reason.
 async fn readiness(State(st): State<Arc<AppState>>) -> Response {
     let (healthy, total, _) = counts(&st);
-    let (code, body) = if healthy > 0 {
+    let unsynced = st
+        .discovery_synced
+        .as_ref()
+        .is_some_and(|s| !s.load(std::sync::atomic::Ordering::Relaxed));
+    let (code, body) = if unsynced {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"status": "not_ready", "reason": "Kubernetes discovery has not synced yet", "healthy_workers": healthy, "total_workers": total}),
+        )
+    } else if healthy > 0 {
         (
             StatusCode::OK,
             serde_json::json!({"status": "ready", "healthy_workers": healthy, "total_workers": total}),

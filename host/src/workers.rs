@@ -31,6 +31,8 @@ pub struct Worker {
     /// Requests dispatched and not finished (streams until their last byte).
     in_flight: AtomicU32,
     healthy: AtomicBool,
+    /// Draining (service discovery is removing it): no new requests.
+    draining: AtomicBool,
     /// Consecutive failed / successful health observations.
     fail_streak: AtomicU32,
     ok_streak: AtomicU32,
@@ -80,6 +82,7 @@ impl Worker {
             name,
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
             fail_streak: AtomicU32::new(0),
             ok_streak: AtomicU32::new(0),
             engine_packed: AtomicU64::new(0),
@@ -99,7 +102,12 @@ impl Worker {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Whether the worker may receive traffic.
+    /// Whether service discovery is draining it (no new requests; in-flight ones finish).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Whether the worker may receive traffic (health checks consider it up).
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -345,6 +353,18 @@ impl Registry {
     /// Add workers for base URL `url`: one per data-parallel rank when `dp_size > 1`.
     /// Returns their ids; an existing (url, rank, role) is kept, not duplicated.
     pub fn add(&self, url: &str, role: Role, dp_size: u32) -> Result<Vec<u32>, String> {
+        self.add_labeled(url, role, dp_size, Vec::new())
+    }
+
+    /// [`Registry::add`] with labels for the new workers (service discovery's pod
+    /// identity), passed to policies in `workers-changed`.
+    pub fn add_labeled(
+        &self,
+        url: &str,
+        role: Role,
+        dp_size: u32,
+        labels: Vec<(String, String)>,
+    ) -> Result<Vec<u32>, String> {
         let cur = self.snapshot();
         let mut workers = cur.workers.clone();
         let mut ids = Vec::new();
@@ -363,17 +383,27 @@ impl Registry {
                 continue;
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            workers.push(Arc::new(Worker::with_breaker(
-                id,
-                url,
-                role,
-                rank,
-                self.cb.clone(),
-            )?));
+            let mut w = Worker::with_breaker(id, url, role, rank, self.cb.clone())?;
+            w.labels = labels.clone();
+            workers.push(Arc::new(w));
             ids.push(id);
         }
         self.publish(workers);
         Ok(ids)
+    }
+
+    /// Mark every worker with base URL `url` (all ranks) draining (no new requests) or
+    /// serving again. Returns how many were found. Takes effect at once (a flag, no new
+    /// worker set).
+    pub fn set_draining(&self, url: &str, draining: bool) -> usize {
+        let base = url.trim_end_matches('/');
+        let cur = self.snapshot();
+        let mut n = 0;
+        for w in cur.workers.iter().filter(|w| w.url == base) {
+            w.draining.store(draining, Ordering::Relaxed);
+            n += 1;
+        }
+        n
     }
 
     /// Remove every worker with base URL `url` (all ranks). Returns how many went.

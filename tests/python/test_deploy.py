@@ -53,8 +53,11 @@ def test_every_document_validates_against_the_kubernetes_schemas(overlay):
     from kubernetes_validate.utils import latest_version
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
-                            "Service", "ServiceAccount"]), kinds
+    expected = ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
+                "Service", "ServiceAccount"]
+    if overlay == "discovery":  # read access to pods for Kubernetes discovery
+        expected += ["Role", "RoleBinding"]
+    assert kinds == sorted(expected), kinds
     for d in docs:
         kubernetes_validate.validate(d, latest_version(), strict=True)
 
@@ -81,6 +84,12 @@ def test_flags_ports_and_probes_exist_in_the_binary(overlay):
     assert arg_value(args, "--policy-wasm").startswith(mount + "/")
     if overlay == "pd":
         assert "--vllm-pd-disaggregation" in args and arg_value(args, "--prefill") and arg_value(args, "--decode")
+    if overlay == "discovery":
+        assert "--service-discovery" in args and arg_value(args, "--selector")
+        sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+        assert sa.get("automountServiceAccountToken") is True, "discovery needs the token"
+        role = next(d for d in docs if d["kind"] == "Role")
+        assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
     # Probe paths answer 200 on a real router.
     sim, port = start_sim("probe-target")
     r, rport = start_router("--worker-urls", f"http://127.0.0.1:{port}")

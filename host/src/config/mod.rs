@@ -68,6 +68,44 @@ pub struct Args {
     #[arg(long, value_name = "HOST:PORT")]
     pub vllm_discovery_address: Option<String>,
 
+    /// Find workers in Kubernetes: pods matching --selector (PD: --prefill-selector /
+    /// --decode-selector) that are Running and Ready become workers; pods that stop
+    /// qualifying are drained and removed. Needs get/list/watch on pods (docs:
+    /// pd-and-discovery.md) and a kubeconfig or in-cluster service account.
+    #[arg(long)]
+    pub service_discovery: bool,
+
+    /// Labels a worker pod carries, `KEY=VALUE` (several, or comma-separated); sent to
+    /// the API server as the label selector.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub selector: Vec<String>,
+
+    /// PD mode: labels of prefill pods.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub prefill_selector: Vec<String>,
+
+    /// PD mode: labels of decode pods.
+    #[arg(long, num_args = 1.., value_name = "KEY=VALUE")]
+    pub decode_selector: Vec<String>,
+
+    /// Namespace to watch (default: all namespaces).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub service_discovery_namespace: Option<String>,
+
+    /// Worker port of a discovered pod without a `vllm.ai/worker-ports` annotation.
+    #[arg(long, default_value_t = 80)]
+    pub service_discovery_port: u16,
+
+    /// Seconds a worker whose pod stopped qualifying keeps finishing its in-flight
+    /// requests (getting no new ones) before it is removed.
+    #[arg(long, default_value_t = 5)]
+    pub drain_settle_secs: u64,
+
+    /// Reconcile the discovered workers against the pod list at least this often
+    /// (seconds), besides after every change.
+    #[arg(long, default_value_t = 60)]
+    pub service_discovery_resync_secs: u64,
+
     /// Data-parallel ranks per worker URL: each URL becomes N workers `URL@0..N-1` with
     /// their own load and breaker; the rank goes upstream as `X-data-parallel-rank`.
     #[arg(long, default_value_t = 1)]
@@ -398,6 +436,36 @@ pub struct Args {
 impl Args {
     /// Check cross-flag constraints; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if self.service_discovery {
+            let pd_sel = !self.prefill_selector.is_empty() || !self.decode_selector.is_empty();
+            if self.vllm_pd_disaggregation
+                && (self.prefill_selector.is_empty() || self.decode_selector.is_empty())
+            {
+                return Err("--service-discovery with --vllm-pd-disaggregation needs --prefill-selector and --decode-selector".into());
+            }
+            if !self.vllm_pd_disaggregation && pd_sel {
+                return Err(
+                    "--prefill-selector/--decode-selector need --vllm-pd-disaggregation".into(),
+                );
+            }
+            if !self.vllm_pd_disaggregation && self.selector.is_empty() {
+                return Err(
+                    "--service-discovery needs --selector KEY=VALUE (the labels of worker pods)"
+                        .into(),
+                );
+            }
+            for s in [
+                &self.selector,
+                &self.prefill_selector,
+                &self.decode_selector,
+            ] {
+                crate::k8s::parse_selector(s)?;
+            }
+            if self.vllm_pd_disaggregation {
+                // PD workers come from the selectors: no --prefill/--decode needed.
+                return Ok(());
+            }
+        }
         if self.vllm_pd_disaggregation {
             if self.vllm_discovery_address.is_none()
                 && (self.prefill.is_empty() || self.decode.is_empty())
@@ -406,7 +474,10 @@ impl Args {
             }
         } else if !self.prefill.is_empty() || !self.decode.is_empty() {
             return Err("--prefill/--decode need --vllm-pd-disaggregation".into());
-        } else if self.worker_urls.is_empty() && self.export_policy.is_none() {
+        } else if self.worker_urls.is_empty()
+            && self.export_policy.is_none()
+            && !self.service_discovery
+        {
             return Err("no workers: give at least one --worker-urls URL".into());
         }
         if self.intra_node_data_parallel_size == 0 {

@@ -53,7 +53,11 @@ pub fn fallback_choice(candidates: &[Candidate]) -> u32 {
 }
 
 fn eligible(w: &Worker, role: Role, exclude: &[u32]) -> bool {
-    w.role == role && w.is_healthy() && !exclude.contains(&w.id) && w.breaker_allows()
+    w.role == role
+        && w.is_healthy()
+        && !w.is_draining()
+        && !exclude.contains(&w.id)
+        && w.breaker_allows()
 }
 
 /// The eligible workers of `role` for a request (healthy, breaker admitting), excluding

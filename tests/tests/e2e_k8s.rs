@@ -298,6 +298,25 @@ async fn discovery_follows_pods_and_never_keeps_a_zombie() {
     .await;
     eprintln!("pod Ready -> worker added: {t:?}");
 
+    // NotReady: no new traffic (drained, removed); Ready again: back.
+    fake.api
+        .apply(pod("c", "uid-c", sims[2].port, false, labels.clone()));
+    let t = wait_workers(
+        &router,
+        &[url(&sims[0]), url(&sims[1]), url(&manual)],
+        "c not ready",
+    )
+    .await;
+    eprintln!("pod NotReady -> worker drained and removed: {t:?}");
+    fake.api
+        .apply(pod("c", "uid-c", sims[2].port, true, labels.clone()));
+    wait_workers(
+        &router,
+        &[url(&sims[0]), url(&sims[1]), url(&sims[2]), url(&manual)],
+        "c ready again",
+    )
+    .await;
+
     // Force delete (a single DELETED event): drained, then removed after the settle time.
     fake.api.delete("a");
     let t = wait_workers(
@@ -394,4 +413,77 @@ async fn a_terminating_pod_drains_its_stream_and_gets_no_new_requests() {
     assert!(body.contains("[DONE]"), "stream cut by the drain: {body}");
     // Then the worker leaves.
     wait_workers(&router, &[url(&other)], "drained worker removed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_port_pod_gives_one_worker_per_port() {
+    let fake = fake_api_server().await;
+    let sims = start_sims(2, &[]);
+    let mut p = pod("multi", "uid-m", sims[0].port, true, json!({"app": "vllm"}));
+    p["metadata"]["annotations"]["vllm.ai/worker-ports"] =
+        format!("{},{}", sims[0].port, sims[1].port).into();
+    fake.api.apply(p);
+    let router = discovery_router(&fake, &[], &["--policy", "round_robin"]);
+    wait_workers(&router, &[url(&sims[0]), url(&sims[1])], "multi-port pod").await;
+    let c = client();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..4 {
+        seen.insert(worker_of(
+            &post_completion(&c, &router, &format!("m {i}")).await,
+        ));
+    }
+    assert_eq!(seen.len(), 2, "both ports serve: {seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_pods_are_found_by_role_and_serve_the_two_stage_flow() {
+    let fake = fake_api_server().await;
+    let prefill = start_sim("p0", &["--role", "prefill"]);
+    let decode = start_sim("d0", &["--role", "decode"]);
+    fake.api.apply(pod(
+        "p0",
+        "uid-p",
+        prefill.port,
+        true,
+        json!({"app": "vllm", "role": "prefill"}),
+    ));
+    fake.api.apply(pod(
+        "d0",
+        "uid-d",
+        decode.port,
+        true,
+        json!({"app": "vllm", "role": "decode"}),
+    ));
+    let router = discovery_router(
+        &fake,
+        &[],
+        &[
+            "--vllm-pd-disaggregation",
+            "--prefill-selector",
+            "app=vllm,role=prefill",
+            "--decode-selector",
+            "app=vllm,role=decode",
+        ],
+    );
+    wait_workers(&router, &[url(&prefill), url(&decode)], "pd pods").await;
+    // The server was asked for the labels both roles share.
+    assert!(
+        fake.api
+            .selectors
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s == "app=vllm")
+    );
+    let r = post_json(
+        &client(),
+        &format!("{}/v1/chat/completions", router.url()),
+        &[],
+        &json!({"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(worker_of(&r), "d0", "decode answers");
+    assert_eq!(sim_requests(&prefill).await.len(), 1, "one prefill call");
+    assert_eq!(sim_requests(&decode).await.len(), 1, "one decode call");
 }

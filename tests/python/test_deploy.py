@@ -55,7 +55,7 @@ def test_every_document_validates_against_the_kubernetes_schemas(overlay):
     kinds = sorted(d["kind"] for d in docs)
     expected = ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service",
                 "Service", "ServiceAccount"]
-    if overlay == "discovery":  # read access to pods for Kubernetes discovery
+    if overlay.startswith("discovery"):  # read access to pods for Kubernetes discovery
         expected += ["Role", "RoleBinding"]
     assert kinds == sorted(expected), kinds
     for d in docs:
@@ -84,7 +84,10 @@ def test_flags_ports_and_probes_exist_in_the_binary(overlay):
     assert arg_value(args, "--policy-wasm").startswith(mount + "/")
     if overlay == "pd":
         assert "--vllm-pd-disaggregation" in args and arg_value(args, "--prefill") and arg_value(args, "--decode")
-    if overlay == "discovery":
+    if overlay == "discovery-pd":
+        assert "--vllm-pd-disaggregation" in args
+        assert arg_value(args, "--prefill-selector") and arg_value(args, "--decode-selector")
+    if overlay.startswith("discovery"):
         assert "--service-discovery" in args and arg_value(args, "--selector")
         sa = next(d for d in docs if d["kind"] == "ServiceAccount")
         assert sa.get("automountServiceAccountToken") is True, "discovery needs the token"

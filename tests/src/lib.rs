@@ -357,6 +357,31 @@ pub async fn post_completion(
 }
 
 /// Requests a simulated worker recorded (`GET /sim/requests`).
+/// The text of a Prometheus exposition at `url` (a router's or simulator's `/metrics`).
+pub async fn metrics_text(url: &str) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Poll until `p` logged at least `n` lines containing `needle` (or `within` passed),
+/// then return the matching lines.
+pub async fn wait_log(p: &Proc, needle: &str, n: usize, within: Duration) -> Vec<String> {
+    let end = Instant::now() + within;
+    loop {
+        let l = p.log_matching(needle);
+        if l.len() >= n || Instant::now() > end {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn sim_requests(sim: &Proc) -> Vec<serde_json::Value> {
     client()
         .get(format!("{}/sim/requests", sim.url()))

@@ -24,17 +24,9 @@ fn args<'a>(extra: &[&'a str], probe: &'a str) -> Vec<&'a str> {
     a
 }
 
-/// Poll until `router` logged at least `n` lines containing `needle` (10 s), then return
-/// them.
-async fn wait_log(router: &Proc, needle: &str, n: usize) -> Vec<String> {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let l = router.log_matching(needle);
-        if l.len() >= n || Instant::now() > end {
-            return l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Poll until `router` logged at least `n` lines containing `needle` (10 s).
+async fn wait_lines(router: &Proc, needle: &str, n: usize) -> Vec<String> {
+    wait_log(router, needle, n, Duration::from_secs(10)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -62,7 +54,7 @@ async fn init_runs_once_per_load_and_on_complete_once_per_request_even_with_retr
         assert_eq!(worker_of(&r), "good");
         let _ = r.text().await;
     }
-    let done = wait_log(&router, "probe complete", n).await;
+    let done = wait_lines(&router, "probe complete", n).await;
     // The probe picks the lowest id: "bad" (503) first, then the retry goes to "good".
     // One completion per request, for the attempt that ended it (status 200).
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -108,8 +100,8 @@ async fn pd_feedback_reaches_both_slots_with_their_stage() {
             .text()
             .await;
     }
-    let pre = wait_log(&router, "probe complete stage=Prefill", 3).await;
-    let dec = wait_log(&router, "probe complete stage=Decode", 3).await;
+    let pre = wait_lines(&router, "probe complete stage=Prefill", 3).await;
+    let dec = wait_lines(&router, "probe complete stage=Decode", 3).await;
     assert_eq!(pre.len(), 3, "{pre:?}");
     assert_eq!(dec.len(), 3, "{dec:?}");
     assert!(router.log_matching("stage=Regular").is_empty());
@@ -139,7 +131,7 @@ async fn a_new_worker_set_is_pushed_without_waiting_for_a_request() {
         .unwrap();
     assert_eq!(r.status(), 200);
     // No client request was sent: the push came from the registry's publish.
-    let pushed = wait_log(&router, "probe workers-changed n=2", 1).await;
+    let pushed = wait_lines(&router, "probe workers-changed n=2", 1).await;
     assert_eq!(pushed.len(), 1);
 }
 
@@ -322,14 +314,7 @@ async fn get_metrics_on_the_serving_port_sums_the_fleets_vllm_metrics() {
     }
     let mut per_worker = 0.0;
     for s in &sims {
-        let t = c
-            .get(format!("{}/metrics", s.url()))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let t = metrics_text(&format!("{}/metrics", s.url())).await;
         per_worker += metric_sum(&t, "vllm:request_success_total", &[]);
     }
     assert!(per_worker >= 6.0);
@@ -374,10 +359,10 @@ async fn a_policy_fault_is_logged_with_its_cause_first() {
     );
     post_completion(&client(), &router, "x").await;
     // The SDK sends the panic text to the router's log...
-    let panicked = wait_log(&router, "hostile policy panics on purpose", 1).await;
+    let panicked = wait_lines(&router, "hostile policy panics on purpose", 1).await;
     assert!(!panicked.is_empty(), "{:?}", router.log_matching("policy"));
     // ...and the fault line names the trap before the wasm backtrace.
-    let fault = wait_log(&router, "policy failed (trap:", 1).await;
+    let fault = wait_lines(&router, "policy failed (trap:", 1).await;
     let line = &fault[0];
     let cause = line
         .find("unreachable")

@@ -351,14 +351,7 @@ async fn discovery_follows_pods_and_never_keeps_a_zombie() {
     eprintln!("{n} requests during the changes, {failed} failed");
     assert!(n > 50, "too little traffic to tell: {n}");
     assert_eq!(failed, 0, "client requests failed during discovery changes");
-    let m = client()
-        .get(format!("http://127.0.0.1:{}/metrics", router.metrics_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&format!("http://127.0.0.1:{}/metrics", router.metrics_port)).await;
     assert!(
         metric_sum(&m, "vllm_router_discovery_deregistrations_total", &[]) >= 3.0,
         "{m}"

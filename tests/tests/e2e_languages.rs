@@ -11,17 +11,10 @@
 use std::time::{Duration, Instant};
 use vllm_router_tests::*;
 
-/// Poll until `router` logged at least one line containing `needle` (30 s: interpreted
-/// components compile for seconds), then return the lines.
-async fn wait_log(router: &Proc, needle: &str) -> Vec<String> {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let l = router.log_matching(needle);
-        if !l.is_empty() || Instant::now() > end {
-            return l;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// Poll until `router` logged a line containing `needle` (30 s: interpreted components
+/// compile for seconds).
+async fn wait_line(router: &Proc, needle: &str) -> Vec<String> {
+    wait_log(router, needle, 1, Duration::from_secs(30)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,7 +40,7 @@ async fn a_std_guest_may_print_and_look_around_and_is_granted_nothing() {
         assert_eq!(worker_of(&r), "w0");
     }
     // stdout reached the log, tagged with the policy, showing nothing was granted.
-    let init = wait_log(&router, "wasi-user init:").await;
+    let init = wait_line(&router, "wasi-user init:").await;
     assert!(!init.is_empty(), "no stdout line in the log");
     assert!(
         init[0].contains("args=0 env=0 file=denied"),
@@ -55,30 +48,23 @@ async fn a_std_guest_may_print_and_look_around_and_is_granted_nothing() {
         init[0]
     );
     assert!(init[0].contains("test_policy_wasi_user@"), "{}", init[0]);
-    let stderr = wait_log(&router, "wasi-user stderr line").await;
+    let stderr = wait_line(&router, "wasi-user stderr line").await;
     assert!(
         stderr[0].contains("WARN"),
         "stderr is a warning: {}",
         stderr[0]
     );
     assert!(
-        !wait_log(&router, "wasi-user stdin bytes=0")
+        !wait_line(&router, "wasi-user stdin bytes=0")
             .await
             .is_empty()
     );
     assert!(
-        !wait_log(&router, "wasi-user first request")
+        !wait_line(&router, "wasi-user first request")
             .await
             .is_empty()
     );
-    let m = c
-        .get(format!("{}/metrics", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&format!("{}/metrics", router.url())).await;
     assert_eq!(
         metric_sum(&m, "vllm_router_policy_failures_total", &[]),
         0.0
@@ -134,7 +120,7 @@ async fn example_policy_decides(lang: &str) {
             "warn,vllm_router::app=info,vllm_router_runtime=info",
         ],
     );
-    let init = wait_log(
+    let init = wait_line(
         &router,
         &format!("least_{lang} ({lang}) ready, max_waiting=4"),
     )
@@ -174,14 +160,7 @@ async fn example_policy_decides(lang: &str) {
         t.await.unwrap();
     }
     let answered = ok.load(std::sync::atomic::Ordering::Relaxed);
-    let m = c
-        .get(format!("{}/metrics", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&format!("{}/metrics", router.url())).await;
     let faults = metric_sum(&m, "vllm_router_policy_failures_total", &[]);
     let fallbacks = metric_sum(&m, "vllm_router_policy_fallbacks_total", &[]);
     eprintln!(

@@ -117,6 +117,10 @@ impl App {
     /// watcher and feedback thread. Must run inside a Tokio runtime. Nothing listens yet.
     pub async fn build(args: Args) -> anyhow::Result<App> {
         let t0 = Instant::now();
+        // Before any probe: the workers' key goes on the router's own calls too.
+        if let Some(key) = &args.api_key {
+            crate::health::set_worker_api_key(key).map_err(|e| anyhow::anyhow!(e))?;
+        }
         let mut limits = Limits::new(args.policy_timeout_ms, args.policy_max_memory_mb);
         limits.max_instances = args.policy_max_instances as usize;
         let engine = PolicyEngine::with_options(limits, args.policy_optimize)?;
@@ -336,6 +340,7 @@ impl App {
             None
         };
         let state = Arc::new(AppState {
+            cors_allowed_origins: args.cors_allowed_origins.clone(),
             discovery_synced,
             fwd,
             pd,

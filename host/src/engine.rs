@@ -76,7 +76,7 @@ pub fn parse_vllm_metrics(text: &str, rank: Option<u32>) -> Option<EngineSample>
 
 async fn scrape(client: &ProbeClient, w: &Worker, timeout: Duration) -> Option<EngineSample> {
     let uri: http::Uri = format!("{}/metrics", w.url).parse().ok()?;
-    let resp = tokio::time::timeout(timeout, client.get(uri))
+    let resp = tokio::time::timeout(timeout, crate::health::get(client, uri))
         .await
         .ok()?
         .ok()?;

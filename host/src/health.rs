@@ -31,6 +31,36 @@ pub struct HealthConfig {
 /// The HTTP client of health probes and engine-metrics scrapes.
 pub type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
 
+/// `--api-key`: `Authorization: Bearer KEY` for workers, marked sensitive (never shown
+/// by `Debug` or logs). Set once at startup.
+static WORKER_AUTH: std::sync::OnceLock<http::HeaderValue> = std::sync::OnceLock::new();
+
+/// Set the key workers expect (`--api-key`). Errors: a key that cannot be a header value.
+pub fn set_worker_api_key(key: &str) -> Result<(), String> {
+    let mut v = http::HeaderValue::from_str(&format!("Bearer {key}"))
+        .map_err(|_| "--api-key contains characters not allowed in an HTTP header".to_string())?;
+    v.set_sensitive(true);
+    let _ = WORKER_AUTH.set(v);
+    Ok(())
+}
+
+/// The `Authorization` value for workers, when `--api-key` is set.
+pub fn worker_auth() -> Option<&'static http::HeaderValue> {
+    WORKER_AUTH.get()
+}
+
+/// GET `uri` with the router's own credentials (`--api-key`), for health probes and
+/// metrics scrapes.
+pub fn get(client: &ProbeClient, uri: http::Uri) -> hyper_util::client::legacy::ResponseFuture {
+    let mut req = http::Request::new(Empty::new());
+    *req.uri_mut() = uri;
+    if let Some(v) = worker_auth() {
+        req.headers_mut()
+            .insert(http::header::AUTHORIZATION, v.clone());
+    }
+    client.request(req)
+}
+
 /// The client health probes use: connect timeout `timeout`, TCP_NODELAY.
 pub fn probe_client(timeout: Duration) -> ProbeClient {
     let mut http = HttpConnector::new();
@@ -48,7 +78,7 @@ pub async fn probe_url(client: &ProbeClient, url: &str, timeout: Duration) -> bo
     let Ok(uri) = url.parse::<http::Uri>() else {
         return false;
     };
-    matches!(tokio::time::timeout(timeout, client.get(uri)).await, Ok(Ok(r)) if r.status().is_success())
+    matches!(tokio::time::timeout(timeout, get(client, uri)).await, Ok(Ok(r)) if r.status().is_success())
 }
 
 /// Probe each distinct base URL once, in parallel (data-parallel ranks of one server

@@ -34,6 +34,8 @@ pub struct AppState {
     /// With Kubernetes discovery: true once its first list was reconciled
     /// (`/readiness` is 503 before).
     pub discovery_synced: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// `--cors-allowed-origins` (empty: no CORS headers; `*`: any origin).
+    pub cors_allowed_origins: Vec<String>,
 }
 
 /// Admission control: at most `limit` generation requests in flight (held until the
@@ -105,7 +107,8 @@ impl Admission {
 
 /// Build the client-facing router.
 pub fn app(state: Arc<AppState>) -> Router {
-    Router::new()
+    let cors = cors_layer(&state.cors_allowed_origins);
+    let router = Router::new()
         .route("/health", get(health))
         .route("/liveness", get(liveness))
         .route("/readiness", get(readiness))
@@ -113,7 +116,34 @@ pub fn app(state: Arc<AppState>) -> Router {
         .route("/list_workers", get(list_workers))
         .route("/metrics", get(fleet_metrics))
         .fallback(proxy_any)
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(c) => router.layer(c),
+        None => router,
+    }
+}
+
+/// CORS for browser clients (tower-http's `CorsLayer`: preflight answered by the
+/// router, headers added to every response), from `--cors-allowed-origins`; `*` allows
+/// any origin. `None` when no origin is configured (no CORS headers at all). Origins
+/// that are not valid header values are skipped (validated at startup).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers([http::HeaderName::from_static("x-request-id")]),
+    )
 }
 
 async fn liveness() -> impl IntoResponse {
@@ -396,10 +426,13 @@ async fn fleet_metrics(State(st): State<Arc<AppState>>) -> Response {
         let uri = format!("{url}/metrics");
         async move {
             let uri: http::Uri = uri.parse().ok()?;
-            let r = tokio::time::timeout(std::time::Duration::from_secs(5), client.get(uri))
-                .await
-                .ok()?
-                .ok()?;
+            let r = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                crate::health::get(&client, uri),
+            )
+            .await
+            .ok()?
+            .ok()?;
             if !r.status().is_success() {
                 return None;
             }

@@ -224,6 +224,22 @@ pub struct Args {
     )]
     pub admin_api_key: Option<String>,
 
+    /// API key the workers (vLLM `--api-key`) expect: sent as `Authorization: Bearer KEY`
+    /// on health probes, metrics scrapes, and client requests that carry no
+    /// `Authorization` of their own (both PD stages too). Never logged.
+    #[arg(
+        long,
+        env = "VLLM_ROUTER_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
+
+    /// Origins browsers may call the router from (CORS), e.g.
+    /// `https://chat.example.com`; `*` for any. Unset: no CORS headers.
+    #[arg(long, num_args = 1.., value_name = "ORIGIN")]
+    pub cors_allowed_origins: Vec<String>,
+
     /// Per-call time limit of a policy, in milliseconds. A call that runs longer is
     /// interrupted and the request is routed by the fallback (least in-flight).
     #[arg(long, default_value_t = 5)]
@@ -542,6 +558,13 @@ impl Args {
         ] {
             serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(v)
                 .map_err(|e| format!("{flag} must be a JSON object: {e}"))?;
+        }
+        for o in &self.cors_allowed_origins {
+            if o != "*" && o.parse::<http::HeaderValue>().is_err() {
+                return Err(format!(
+                    "--cors-allowed-origins: '{o}' is not a valid origin"
+                ));
+            }
         }
         if self.admin_api_key.as_deref().is_some_and(|k| k.len() < 16) {
             return Err("--admin-api-key must be at least 16 characters".into());

@@ -165,6 +165,12 @@ impl Forwarder {
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static("x-request-id"), v);
         }
+        // `--api-key`: the workers' key, for clients that bring none of their own.
+        if let Some(auth) = crate::health::worker_auth() {
+            if !headers.contains_key(header::AUTHORIZATION) {
+                headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+        }
         if let Some(rank) = worker.dp_rank {
             headers.insert(
                 HeaderName::from_static("x-data-parallel-rank"),

@@ -77,6 +77,11 @@ struct Knobs {
     /// Answer every generation request with this status (0 = behave normally).
     #[arg(long, default_value_t = 0)]
     fail_status: u16,
+    /// Require `Authorization: Bearer KEY` on generation requests (as vLLM's `--api-key`)
+    /// and on `/health` (as an auth proxy in front of it would); 401 otherwise. Empty:
+    /// no key.
+    #[arg(long, default_value = "")]
+    api_key: String,
     /// Answer `/health` with 503 when true.
     #[arg(long, default_value_t = false)]
     unhealthy: bool,
@@ -121,6 +126,7 @@ impl Default for Knobs {
             ttft_ms: 0,
             token_delay_ms: 0,
             fail_status: 0,
+            api_key: String::new(),
             unhealthy: false,
             cache_blocks: 4096,
             block_chars: 64,
@@ -222,7 +228,17 @@ fn err(status: StatusCode, msg: &str) -> Response {
         .into_response()
 }
 
-async fn health(State(s): St) -> Response {
+/// Whether `headers` carry the key `--api-key` asks for (always true without one).
+fn authorized(k: &Knobs, headers: &HeaderMap) -> bool {
+    k.api_key.is_empty()
+        || headers.get("authorization").and_then(|v| v.to_str().ok())
+            == Some(format!("Bearer {}", k.api_key).as_str())
+}
+
+async fn health(State(s): St, headers: HeaderMap) -> Response {
+    if !authorized(&s.knobs.lock(), &headers) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
     if s.knobs.lock().unhealthy {
         StatusCode::SERVICE_UNAVAILABLE.into_response()
     } else {
@@ -333,6 +349,9 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
             body: body.clone(),
             raw: String::from_utf8_lossy(&raw).into_owned(),
         });
+    }
+    if !authorized(&k, &headers) {
+        return err(StatusCode::UNAUTHORIZED, "invalid or missing API key");
     }
     let forced = headers
         .get("x-sim-status")

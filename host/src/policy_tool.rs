@@ -160,16 +160,12 @@ fn check(a: &CheckArgs) -> anyhow::Result<()> {
     limits.max_instances = a.policy_max_instances as usize;
     let engine = PolicyEngine::with_options(limits, false)?;
     let cache = crate::app::policy_cache_dir(a.policy_cache_dir.as_deref(), a.no_policy_cache);
-    let was_cached = cache.as_ref().is_some_and(|d| {
-        std::fs::read_dir(d).is_ok_and(|mut it| {
-            it.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with(&sha256)))
-        })
-    });
     if let Some(d) = &cache {
         if let Err(e) = engine.set_disk_cache(d) {
             eprintln!("note: not using the compiled-component cache: {e:#}");
         }
     }
+    let was_cached = engine.disk_cached(&sha256);
     let workers: Vec<WorkerInfo> = (0..a.workers.max(1))
         .map(|i| WorkerInfo {
             id: i,

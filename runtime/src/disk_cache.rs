@@ -64,6 +64,12 @@ impl DiskCache {
             .join(format!("{sha256}-{}.cwasm", self.engine_hash))
     }
 
+    /// Whether this cache holds a compiled component for the `.wasm` whose SHA-256 is
+    /// `sha256`, for this engine (not checked for integrity: see [`DiskCache::get`]).
+    pub fn contains(&self, sha256: &str) -> bool {
+        self.path(sha256).is_file()
+    }
+
     /// The compiled component for the `.wasm` whose SHA-256 is `sha256`, if this cache
     /// has an intact one for this engine. Any problem (missing, torn, corrupt, from
     /// another wasmtime) is `None`: the caller compiles.

@@ -185,6 +185,11 @@ impl PolicyEngine {
         Ok(())
     }
 
+    /// Whether the disk cache (if set) holds `sha256` compiled for this engine.
+    pub fn disk_cached(&self, sha256: &str) -> bool {
+        self.disk.get().is_some_and(|d| d.contains(sha256))
+    }
+
     /// Quarantine a version after `faults` faults within `window` (`faults` 0 = never).
     pub fn set_quarantine(&self, faults: u32, window: Duration) {
         self.quarantine_faults

@@ -279,8 +279,7 @@ fn link_streams(
         capture(store.data_mut(), s.rep(), &bytes);
         Ok((Ok(()),))
     };
-    let defs: [(&str, bool); 2] = [("write", true), ("blocking-write-and-flush", true)];
-    for (f, _) in defs {
+    for f in ["write", "blocking-write-and-flush"] {
         let name = format!("[method]output-stream.{f}");
         if has(&name) {
             i.func_wrap(&name, write)?;
@@ -308,17 +307,15 @@ fn link_streams(
             })?;
         }
     }
-    for f in [
-        "[method]output-stream.subscribe",
-        "[method]input-stream.subscribe",
-    ] {
-        if has(f) {
-            if f.contains("output") {
-                i.func_wrap(f, |_, (_,): (Out,)| Ok((Resource::<Pollable>::new_own(0),)))?;
-            } else {
-                i.func_wrap(f, |_, (_,): (In,)| Ok((Resource::<Pollable>::new_own(0),)))?;
-            }
-        }
+    if has("[method]output-stream.subscribe") {
+        i.func_wrap("[method]output-stream.subscribe", |_, (_,): (Out,)| {
+            Ok((Resource::<Pollable>::new_own(0),))
+        })?;
+    }
+    if has("[method]input-stream.subscribe") {
+        i.func_wrap("[method]input-stream.subscribe", |_, (_,): (In,)| {
+            Ok((Resource::<Pollable>::new_own(0),))
+        })?;
     }
     for f in ["read", "blocking-read"] {
         let name = format!("[method]input-stream.{f}");

@@ -285,14 +285,7 @@ impl Drop for TempDir {
 
 /// The router's Prometheus text (`/metrics` on its metrics port).
 pub async fn router_metrics(router: &Proc) -> String {
-    client()
-        .get(format!("http://127.0.0.1:{}/metrics", router.metrics_port))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    metrics_text(&format!("http://127.0.0.1:{}/metrics", router.metrics_port)).await
 }
 
 /// Sum of the samples of metric `name` whose label set contains every `labels` pair

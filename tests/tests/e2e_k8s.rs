@@ -173,14 +173,7 @@ fn discovery_router(fake: &Fake, manual: &[String], extra: &[&str]) -> Proc {
 }
 
 async fn workers(router: &Proc) -> Vec<String> {
-    let v: Value = client()
-        .get(format!("{}/list_workers", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = get_json(&client(), &format!("{}/list_workers", router.url())).await;
     let mut urls: Vec<String> = v["urls"]
         .as_array()
         .unwrap()
@@ -253,14 +246,7 @@ async fn discovery_follows_pods_and_never_keeps_a_zombie() {
         "the selector is sent to the API server: {:?}",
         fake.api.selectors.lock().unwrap()
     );
-    let ready: Value = client()
-        .get(format!("{}/readiness", router.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ready = get_json(&client(), &format!("{}/readiness", router.url())).await;
     assert_eq!(ready["status"], "ready", "{ready}");
 
     // Traffic keeps flowing through every change below.
@@ -351,7 +337,7 @@ async fn discovery_follows_pods_and_never_keeps_a_zombie() {
     eprintln!("{n} requests during the changes, {failed} failed");
     assert!(n > 50, "too little traffic to tell: {n}");
     assert_eq!(failed, 0, "client requests failed during discovery changes");
-    let m = metrics_text(&format!("http://127.0.0.1:{}/metrics", router.metrics_port)).await;
+    let m = router_metrics(&router).await;
     assert!(
         metric_sum(&m, "vllm_router_discovery_deregistrations_total", &[]) >= 3.0,
         "{m}"

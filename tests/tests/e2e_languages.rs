@@ -64,7 +64,13 @@ async fn a_std_guest_may_print_and_look_around_and_is_granted_nothing() {
             .await
             .is_empty()
     );
-    let m = metrics_text(&format!("{}/metrics", router.url())).await;
+    // The router's own metrics (its metrics port; the serving port's /metrics is the
+    // fleet's vLLM metrics, where these series never appear).
+    let m = router_metrics(&router).await;
+    assert!(
+        metric_sum(&m, "vllm_router_worker_requests_total", &[]) > 0.0,
+        "not the router's metrics: {m}"
+    );
     assert_eq!(
         metric_sum(&m, "vllm_router_policy_failures_total", &[]),
         0.0
@@ -160,7 +166,13 @@ async fn example_policy_decides(lang: &str) {
         t.await.unwrap();
     }
     let answered = ok.load(std::sync::atomic::Ordering::Relaxed);
-    let m = metrics_text(&format!("{}/metrics", router.url())).await;
+    // The router's own metrics (its metrics port; the serving port's /metrics is the
+    // fleet's vLLM metrics, where these series never appear).
+    let m = router_metrics(&router).await;
+    assert!(
+        metric_sum(&m, "vllm_router_worker_requests_total", &[]) > 0.0,
+        "not the router's metrics: {m}"
+    );
     let faults = metric_sum(&m, "vllm_router_policy_failures_total", &[]);
     let fallbacks = metric_sum(&m, "vllm_router_policy_fallbacks_total", &[]);
     eprintln!(

@@ -362,10 +362,10 @@ async fn add_worker(State(a): St, Query(q): Query<UrlQuery>) -> Response {
         Ok(u) => u,
         Err(e) => return bad("invalid_url", format!("'{url}' is not a URL: {e}")),
     };
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         return bad(
             "invalid_url",
-            format!("'{url}' must look like http://host:port"),
+            format!("'{url}' must look like http://host:port or https://host:port"),
         );
     }
     let probe = format!("{}{}", url.trim_end_matches('/'), a.health.endpoint);

@@ -18,7 +18,6 @@ use crate::policy::{PolicyEngine, PolicySlots, PolicySource, sync};
 use crate::server::{AppState, app};
 use crate::watch::PolicyWatcher;
 use crate::workers::Registry;
-use axum::serve::ListenerExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vllm_router_runtime::Limits;
@@ -97,6 +96,10 @@ async fn startup_wait(
 /// A built router, not yet listening: its client-facing routes (admin included) and the
 /// parts a caller may want to look at. [`run`] serves it; tests serve it in-process.
 pub struct App {
+    /// Client listener settings (connection cap, timeouts, TLS).
+    pub listener: crate::listener::ListenerConfig,
+    /// File watches (TLS certificate, client keys) that live as long as the router.
+    pub watches: Vec<crate::watch::FileWatch>,
     /// The client-facing routes (OpenAI API, health, fleet metrics, admin).
     pub router: axum::Router,
     /// The router's own metrics (served on `--prometheus-port` by [`run`]).
@@ -121,6 +124,13 @@ impl App {
         if let Some(key) = &args.api_key {
             crate::health::set_worker_api_key(key).map_err(|e| anyhow::anyhow!(e))?;
         }
+        // Before any worker client is built: TLS to https:// workers.
+        crate::tls::set_worker_tls(&crate::tls::WorkerTls {
+            ca_file: args.worker_ca_file.clone(),
+            client_cert: args.worker_client_cert_file.clone(),
+            client_key: args.worker_client_key_file.clone(),
+        })
+        .map_err(|e| anyhow::anyhow!("worker TLS: {e}"))?;
         let mut limits = Limits::new(args.policy_timeout_ms, args.policy_max_memory_mb);
         limits.max_instances = args.policy_max_instances as usize;
         let engine = PolicyEngine::with_options(limits, args.policy_optimize)?;
@@ -155,6 +165,59 @@ impl App {
             registry.add(url, *role, dp).map_err(anyhow::Error::msg)?;
         }
         let metrics = Arc::new(Metrics::new());
+        let mut watches = Vec::new();
+        let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+            (Some(c), Some(k)) => {
+                let cert = crate::tls::ReloadingCert::load(c, k)
+                    .map_err(|e| anyhow::anyhow!("--tls-cert-file/--tls-key-file: {e}"))?;
+                let (reload, m) = (cert.clone(), metrics.clone());
+                watches.push(crate::watch::watch_files(
+                    "tls-certificate",
+                    &cert.files(),
+                    Duration::from_millis(500),
+                    move || match reload.reload() {
+                        Ok(()) => {
+                            m.tls_reloads.with_label_values(&["ok"]).inc();
+                            tracing::info!("TLS certificate reloaded; new connections use it");
+                        }
+                        Err(e) => {
+                            m.tls_reloads.with_label_values(&["error"]).inc();
+                            tracing::error!(
+                                "TLS certificate not reloaded (the previous one keeps serving): {e}"
+                            );
+                        }
+                    },
+                )?);
+                Some(cert)
+            }
+            _ => None,
+        };
+        let client_keys = match &args.client_api_keys_file {
+            Some(path) => {
+                let keys = crate::clients::ClientKeys::load(path)
+                    .map_err(|e| anyhow::anyhow!("--client-api-keys-file: {e}"))?;
+                let (reload, m) = (keys.clone(), metrics.clone());
+                watches.push(crate::watch::watch_files(
+                    "client-keys",
+                    &[path.clone()],
+                    Duration::from_millis(200),
+                    move || match reload.reload() {
+                        Ok(n) => {
+                            m.client_keys_reloads.with_label_values(&["ok"]).inc();
+                            tracing::info!("client API keys reloaded: {n} keys");
+                        }
+                        Err(e) => {
+                            m.client_keys_reloads.with_label_values(&["error"]).inc();
+                            tracing::error!(
+                                "client API keys not reloaded (the previous keys stay): {e}"
+                            );
+                        }
+                    },
+                )?);
+                Some(keys)
+            }
+            None => None,
+        };
         {
             let m = metrics.clone();
             let _ = cb
@@ -340,6 +403,10 @@ impl App {
             None
         };
         let state = Arc::new(AppState {
+            client_keys,
+            rate_limit: args
+                .rate_limit_tokens_per_second
+                .map(|r| crate::clients::TokenBucket::new(r, args.rate_limit_burst.unwrap_or(r))),
             cors_allowed_origins: args.cors_allowed_origins.clone(),
             discovery_synced,
             fwd,
@@ -372,6 +439,13 @@ impl App {
         }
         let slots = state.fwd.slots.clone();
         Ok(App {
+            listener: crate::listener::ListenerConfig {
+                max_connections: args.max_client_connections,
+                header_timeout: Duration::from_secs(args.client_header_timeout_secs),
+                idle_timeout: Duration::from_secs(args.client_idle_timeout_secs),
+                tls,
+            },
+            watches,
             router: app(state).merge(admin::routes(admin)),
             metrics,
             registry,
@@ -403,6 +477,8 @@ pub async fn run_until(
         registry,
         args,
         started: t0,
+        listener: listener_cfg,
+        watches: _watches,
         ..
     } = App::build(args).await?;
     if args.prometheus_port != 0 {
@@ -430,31 +506,30 @@ pub async fn run_until(
         .await
         .map_err(|e| anyhow::anyhow!("cannot bind {addr}: {e}"))?;
     let bound = listener.local_addr()?;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let set = registry.snapshot();
+    let scheme = if listener_cfg.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     tracing::info!(
-        "vllm-router listening on http://{bound} with {} workers ({} healthy), ready in {:?}",
+        "vllm-router listening on {scheme}://{bound} with {} workers ({} healthy), ready in {:?}",
         set.workers.len(),
         set.workers.iter().filter(|w| w.is_healthy()).count(),
         t0.elapsed()
     );
     let grace = Duration::from_secs(args.shutdown_grace_period_secs);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // In-flight requests and streams get the grace period, then we exit anyway.
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                tracing::warn!(
-                    "grace period ({grace:?}) over with requests still in flight; exiting"
-                );
-                before_forced_exit();
-                std::process::exit(0);
-            });
-        })
-        .await?;
+    crate::listener::serve(listener, router, listener_cfg, metrics, async move {
+        shutdown.await;
+        // In-flight requests and streams get the grace period, then we exit anyway.
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::warn!("grace period ({grace:?}) over with requests still in flight; exiting");
+            before_forced_exit();
+            std::process::exit(0);
+        });
+    })
+    .await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -29,7 +29,7 @@ pub struct HealthConfig {
 }
 
 /// The HTTP client of health probes and engine-metrics scrapes.
-pub type ProbeClient = Client<HttpConnector, Empty<bytes::Bytes>>;
+pub type ProbeClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<bytes::Bytes>>;
 
 /// `--api-key`: `Authorization: Bearer KEY` for workers, marked sensitive (never shown
 /// by `Debug` or logs). Set once at startup.
@@ -66,7 +66,7 @@ pub fn probe_client(timeout: Duration) -> ProbeClient {
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(timeout));
     http.set_nodelay(true);
-    Client::builder(TokioExecutor::new()).build(http)
+    Client::builder(TokioExecutor::new()).build(crate::tls::worker_connector(http))
 }
 
 async fn probe(client: &ProbeClient, w: &Worker, cfg: &HealthConfig) -> bool {

@@ -77,6 +77,9 @@ fn main() -> anyhow::Result<()> {
         init_logging("warn,vllm_router_runtime=info")?;
         std::process::exit(vllm_router::policy_tool::main(&argv[2..]));
     }
+    if argv.get(1).map(String::as_str) == Some("keys") {
+        std::process::exit(vllm_router::clients::keys_command(&argv));
+    }
     if vllm_router::serve::is_serve(&argv) {
         let plan = match vllm_router::serve::parse(&argv) {
             Ok(Some(plan)) => plan,

@@ -179,6 +179,20 @@ pub struct Metrics {
     pub discovery_last_sync: prometheus::IntGauge,
     /// Workers discovery owns, by state (`serving`, `draining`).
     pub discovery_workers: IntGaugeVec,
+    /// `vllm_router_client_connections`: client connections open now.
+    pub client_connections: prometheus::IntGauge,
+    /// `vllm_router_client_connections_closed_total{reason}`: connections the router
+    /// closed (header_timeout, idle_timeout, tls_handshake_failed, tls_handshake_timeout).
+    pub client_connections_closed: IntCounterVec,
+    /// `vllm_router_tls_certificate_reloads_total{result}` (ok, error).
+    pub tls_reloads: IntCounterVec,
+    /// `vllm_router_client_key_requests_total{key,outcome}`: requests per client key
+    /// *name* (never the key) by outcome (admitted, rate_limited, concurrency_limited).
+    pub client_key_requests: IntCounterVec,
+    /// `vllm_router_client_auth_failures_total{reason}` (missing, invalid).
+    pub client_auth_failures: IntCounterVec,
+    /// `vllm_router_client_keys_reloads_total{result}` (ok, error).
+    pub client_keys_reloads: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -304,7 +318,7 @@ impl Metrics {
             admission_rejections: counter(
                 &r,
                 "vllm_router_admission_rejections_total",
-                "Requests answered 429 by admission control, by reason (queue_full, queue_timeout).",
+                "Requests answered 429 by admission control, by reason (queue_full, queue_timeout, rate_limited: --rate-limit-tokens-per-second).",
                 &["reason"],
             ),
             cb_transitions: counter(
@@ -394,6 +408,45 @@ impl Metrics {
                 "vllm_router_discovery_workers",
                 "Workers owned by Kubernetes discovery, by state (serving, draining).",
                 &["state"],
+            ),
+            client_connections: {
+                let g = prometheus::IntGauge::new(
+                    "vllm_router_client_connections",
+                    "Client connections open now (bounded by --max-client-connections).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            client_connections_closed: counter(
+                &r,
+                "vllm_router_client_connections_closed_total",
+                "Client connections the router closed, by reason (header_timeout, idle_timeout, tls_handshake_failed, tls_handshake_timeout).",
+                &["reason"],
+            ),
+            tls_reloads: counter(
+                &r,
+                "vllm_router_tls_certificate_reloads_total",
+                "Reloads of the listener's TLS certificate after a file change, by result (ok, error: the old one keeps serving).",
+                &["result"],
+            ),
+            client_key_requests: counter(
+                &r,
+                "vllm_router_client_key_requests_total",
+                "Requests per client API key name (--client-api-keys-file) by outcome (admitted, rate_limited, concurrency_limited).",
+                &["key", "outcome"],
+            ),
+            client_auth_failures: counter(
+                &r,
+                "vllm_router_client_auth_failures_total",
+                "Requests refused with 401, by reason (missing, invalid).",
+                &["reason"],
+            ),
+            client_keys_reloads: counter(
+                &r,
+                "vllm_router_client_keys_reloads_total",
+                "Reloads of --client-api-keys-file, by result (ok, error: the previous keys stay).",
+                &["result"],
             ),
             registry: r,
         }

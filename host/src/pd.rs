@@ -154,7 +154,7 @@ pub async fn serve(
     fwd: &Arc<Forwarder>,
     pd: &Pd,
     req: Arc<RequestInfo>,
-    admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    admission: crate::forward::Admitted,
 ) -> Response<Body> {
     let started = Instant::now();
     let fail =

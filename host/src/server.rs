@@ -36,6 +36,10 @@ pub struct AppState {
     pub discovery_synced: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// `--cors-allowed-origins` (empty: no CORS headers; `*`: any origin).
     pub cors_allowed_origins: Vec<String>,
+    /// `--client-api-keys-file`: client authentication and per-key limits.
+    pub client_keys: Option<Arc<crate::clients::ClientKeys>>,
+    /// `--rate-limit-tokens-per-second`: the global request rate.
+    pub rate_limit: Option<crate::clients::TokenBucket>,
 }
 
 /// Admission control: at most `limit` generation requests in flight (held until the
@@ -108,14 +112,22 @@ impl Admission {
 /// Build the client-facing router.
 pub fn app(state: Arc<AppState>) -> Router {
     let cors = cors_layer(&state.cors_allowed_origins);
+    let mut protected = Router::new()
+        .route("/v1/models", get(models))
+        .route("/list_workers", get(list_workers))
+        .route("/metrics", get(fleet_metrics))
+        .fallback(proxy_any);
+    if state.client_keys.is_some() {
+        protected = protected.layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ));
+    }
     let router = Router::new()
         .route("/health", get(health))
         .route("/liveness", get(liveness))
         .route("/readiness", get(readiness))
-        .route("/v1/models", get(models))
-        .route("/list_workers", get(list_workers))
-        .route("/metrics", get(fleet_metrics))
-        .fallback(proxy_any)
+        .merge(protected)
         .with_state(state);
     match cors {
         Some(c) => router.layer(c),
@@ -144,6 +156,64 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             .allow_headers(Any)
             .expose_headers([http::HeaderName::from_static("x-request-id")]),
     )
+}
+
+/// With `--client-api-keys-file`: 401 without a known `Authorization: Bearer KEY`;
+/// otherwise the key goes into the request's extensions (for its limits) and the
+/// client's `Authorization` is removed, so the router's key never reaches a worker
+/// (which gets `--api-key`, if set, instead). CORS preflights pass (the CORS layer
+/// answers them before this).
+async fn authenticate(
+    State(st): State<Arc<AppState>>,
+    mut req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(keys) = &st.client_keys else {
+        return next.run(req).await;
+    };
+    match keys.authenticate(req.headers()) {
+        Ok(key) => {
+            req.headers_mut().remove(header::AUTHORIZATION);
+            req.extensions_mut().insert(key);
+            next.run(req).await
+        }
+        Err(e) => {
+            let (reason, msg) = match e {
+                crate::clients::AuthError::Missing => (
+                    "missing",
+                    "missing API key: send `Authorization: Bearer KEY`",
+                ),
+                crate::clients::AuthError::Invalid => ("invalid", "invalid API key"),
+            };
+            st.fwd
+                .metrics
+                .client_auth_failures
+                .with_label_values(&[reason])
+                .inc();
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                msg,
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            r
+        }
+    }
+}
+
+/// 429 with `Retry-After` (seconds, rounded up).
+fn too_many(code: &'static str, msg: String, retry_after: u64, rid: &str) -> Response {
+    let mut r =
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, msg).into_response();
+    set_request_id(r.headers_mut(), rid);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from(retry_after));
+    r
 }
 
 async fn liveness() -> impl IntoResponse {
@@ -295,6 +365,48 @@ async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
         r
     };
 
+    // The client key's limits (rate first, then in flight), before reading the body.
+    let mut admitted = crate::forward::Admitted::default();
+    if let Some(key) = parts.extensions.get::<Arc<crate::clients::ClientKey>>() {
+        let outcome = match key.admit() {
+            Ok(p) => {
+                admitted.key = p;
+                Ok(())
+            }
+            Err(crate::clients::Refusal::RateLimited(wait)) => Err((
+                "rate_limited",
+                format!(
+                    "API key {:?} is over its requests_per_second; retry later",
+                    key.name
+                ),
+                crate::clients::retry_after_secs(wait),
+            )),
+            Err(crate::clients::Refusal::ConcurrencyLimited) => Err((
+                "concurrency_limited",
+                format!(
+                    "API key {:?} has max_concurrent requests in flight; retry when one ends",
+                    key.name
+                ),
+                1,
+            )),
+        };
+        let m = &st.fwd.metrics.client_key_requests;
+        match outcome {
+            Ok(()) => m.with_label_values(&[&key.name, "admitted"]).inc(),
+            Err((code, msg, after)) => {
+                m.with_label_values(&[&key.name, code]).inc();
+                tracing::debug!(key = %key.name, code, "client key over its limits");
+                let e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    code,
+                    msg.clone(),
+                );
+                st.fwd.finish_error(route, "none", &e, started);
+                return too_many(code, msg, after, &rid);
+            }
+        }
+    }
     if header_bytes > MAX_HEADER_BYTES {
         return fail(ApiError::new(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -387,31 +499,44 @@ async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
     };
     info.request_id = rid;
     info.request_id_from_client = from_client;
-    let permit = if generation {
-        match st.admission.admit().await {
-            Ok(p) => Some(p),
-            Err((code, msg)) => {
+    if generation {
+        let global = match &st.rate_limit {
+            Some(bucket) => bucket.try_take().map_err(|wait| {
+                (
+                    "rate_limited",
+                    "router over --rate-limit-tokens-per-second; retry later".to_string(),
+                    crate::clients::retry_after_secs(wait),
+                )
+            }),
+            None => Ok(()),
+        };
+        let global = match global {
+            Ok(()) => st.admission.admit().await.map_err(|(c, m)| (c, m, 1)),
+            Err(e) => Err(e),
+        };
+        match global {
+            Ok(p) => admitted.global = Some(p),
+            Err((code, msg, after)) => {
                 st.fwd
                     .metrics
                     .admission_rejections
                     .with_label_values(&[code])
                     .inc();
-                let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, msg);
+                let e = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_error",
+                    code,
+                    msg.clone(),
+                );
                 st.fwd.finish_error(route, "none", &e, started);
-                let mut r = e.into_response();
-                set_request_id(r.headers_mut(), &info.request_id);
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                return r;
+                return too_many(code, msg, after, &info.request_id);
             }
         }
-    } else {
-        None
-    };
-    if let (Some(pd), true) = (&st.pd, generation && crate::pd::is_generation(&info.path)) {
-        return crate::pd::serve(&st.fwd, pd, Arc::new(info), permit).await;
     }
-    st.fwd.forward(Arc::new(info), policy, permit).await
+    if let (Some(pd), true) = (&st.pd, generation && crate::pd::is_generation(&info.path)) {
+        return crate::pd::serve(&st.fwd, pd, Arc::new(info), admitted).await;
+    }
+    st.fwd.forward(Arc::new(info), policy, admitted).await
 }
 
 /// `GET /metrics`: the fleet's vLLM metrics, summed over the workers (see

@@ -151,6 +151,69 @@ impl PolicyWatcher {
     }
 }
 
+/// A running watch of a few files (TLS certificate and key, the client keys file);
+/// dropping it stops watching.
+pub struct FileWatch {
+    _watcher: RecommendedWatcher,
+}
+
+/// Call `on_change` (on a dedicated thread) once `debounce` passed without a new
+/// content event on any of `files`, or on a kubelet `..data` swap in their
+/// directories (Secret and ConfigMap volumes). `what` names the files in logs.
+/// Errors: a directory that cannot be watched.
+pub fn watch_files(
+    what: &'static str,
+    files: &[PathBuf],
+    debounce: Duration,
+    on_change: impl Fn() + Send + 'static,
+) -> anyhow::Result<FileWatch> {
+    let (tx, rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(tx)?;
+    let wanted: HashSet<PathBuf> = files.iter().map(|f| canonical_file(f)).collect();
+    let dirs: HashSet<PathBuf> = files.iter().map(|f| canonical_dir(f)).collect();
+    for d in &dirs {
+        watcher
+            .watch(d, RecursiveMode::NonRecursive)
+            .map_err(|e| anyhow::anyhow!("cannot watch {} for {what} changes: {e}", d.display()))?;
+    }
+    std::thread::Builder::new()
+        .name(format!("watch-{what}"))
+        .spawn(move || {
+            let mut pending = false;
+            let mut last_event = Instant::now();
+            loop {
+                let wait = if pending {
+                    debounce.saturating_sub(last_event.elapsed())
+                } else {
+                    Duration::from_secs(3600)
+                };
+                match rx.recv_timeout(wait) {
+                    Ok(Ok(ev)) => {
+                        let ours = ev.paths.iter().any(|p| {
+                            wanted.contains(p)
+                                || p.file_name()
+                                    .and_then(|n| n.to_str())
+                                    .is_some_and(|n| n.starts_with(".."))
+                        });
+                        if ours && changes_content(&ev.kind) {
+                            pending = true;
+                            last_event = Instant::now();
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!("{what} file watch error: {e}"),
+                    Err(RecvTimeoutError::Timeout) => {
+                        if pending && last_event.elapsed() >= debounce {
+                            pending = false;
+                            on_change();
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+    Ok(FileWatch { _watcher: watcher })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,8 +17,10 @@ pub struct Worker {
     pub id: u32,
     /// Base URL, e.g. `http://10.0.0.1:8000` (no trailing slash, no `@rank`).
     pub url: String,
-    /// `scheme://authority` parsed from `url`, for building upstream URIs.
+    /// The authority (`host:port`) parsed from `url`, for building upstream URIs.
     pub authority: http::uri::Authority,
+    /// `http` or `https` (TLS, see [`crate::tls`]), from `url`.
+    pub scheme: http::uri::Scheme,
     /// Role in a PD deployment.
     pub role: Role,
     /// Data-parallel rank, sent upstream as `X-data-parallel-rank`.
@@ -68,6 +70,11 @@ impl Worker {
             .authority()
             .cloned()
             .ok_or_else(|| format!("worker URL {url} has no host"))?;
+        let scheme = match uri.scheme_str() {
+            Some("https") => http::uri::Scheme::HTTPS,
+            Some("http") | None => http::uri::Scheme::HTTP,
+            Some(other) => return Err(format!("worker URL {url}: unsupported scheme {other}")),
+        };
         let name = match dp_rank {
             Some(r) => format!("{url}@{r}"),
             None => url.clone(),
@@ -76,6 +83,7 @@ impl Worker {
             id,
             url,
             authority,
+            scheme,
             role,
             dp_rank,
             labels: Vec::new(),

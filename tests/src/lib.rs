@@ -198,7 +198,9 @@ pub fn spawn_router(mut cmd: Command) -> Proc {
                 if let Some(p) = port_after(&line, "metrics on http://") {
                     metrics_port = p;
                 }
-                if let Some(p) = port_after(&line, "vllm-router listening on http://") {
+                if let Some(p) = port_after(&line, "vllm-router listening on http://")
+                    .or_else(|| port_after(&line, "vllm-router listening on https://"))
+                {
                     let _ = tx.send((p, metrics_port));
                     sent = true;
                 }
@@ -410,4 +412,164 @@ pub async fn set_sim(sim: &Proc, cfg: serde_json::Value) {
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "POST /sim/config {cfg}");
+}
+
+/// Certificates made at test time (rcgen) and a TLS front for simulated workers.
+pub mod tls {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    use std::sync::Arc;
+
+    /// A certificate authority that signs test certificates.
+    pub struct Ca {
+        /// The CA certificate, PEM.
+        pub cert_pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    /// A certificate and its key, PEM.
+    pub struct Cert {
+        /// Certificate, PEM.
+        pub cert_pem: String,
+        /// Private key, PEM.
+        pub key_pem: String,
+    }
+
+    impl Ca {
+        /// A new self-signed CA named `name`.
+        pub fn new(name: &str) -> Ca {
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.self_signed(&key).unwrap();
+            Ca {
+                cert_pem: cert.pem(),
+                issuer: Issuer::new(p, key),
+            }
+        }
+
+        /// A leaf for `127.0.0.1` and `localhost` with common name `cn` (server or
+        /// client use).
+        pub fn leaf(&self, cn: &str) -> Cert {
+            let mut p = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+            p.subject_alt_names
+                .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let key = KeyPair::generate().unwrap();
+            let cert = p.signed_by(&key, &self.issuer).unwrap();
+            Cert {
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            }
+        }
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn certs(pem: &str) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    fn key(pem: &str) -> rustls_pki_types::PrivateKeyDer<'static> {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// A TLS terminator on a free 127.0.0.1 port in front of `backend_port` (plain
+    /// TCP), serving `cert`; with `client_ca`, only clients with a certificate signed by
+    /// it get through (mTLS). Counts completed handshakes. Stops when dropped.
+    pub struct TlsFront {
+        /// The TLS port.
+        pub port: u16,
+        /// Handshakes completed.
+        pub handshakes: Arc<std::sync::atomic::AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for TlsFront {
+        fn drop(&mut self) {
+            self.task.abort();
+        }
+    }
+
+    impl TlsFront {
+        /// Start it (inside a Tokio runtime).
+        pub async fn start(backend_port: u16, cert: &Cert, client_ca: Option<&str>) -> TlsFront {
+            let b = rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap();
+            let b = match client_ca {
+                Some(ca) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for c in certs(ca) {
+                        roots.add(c).unwrap();
+                    }
+                    let v = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider(),
+                    )
+                    .build()
+                    .unwrap();
+                    b.with_client_cert_verifier(v)
+                }
+                None => b.with_no_client_auth(),
+            };
+            let cfg = b
+                .with_single_cert(certs(&cert.cert_pem), key(&cert.key_pem))
+                .unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let hs = handshakes.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (acceptor, hs) = (acceptor.clone(), hs.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(tcp).await else {
+                            return;
+                        };
+                        hs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let Ok(mut back) =
+                            tokio::net::TcpStream::connect(("127.0.0.1", backend_port)).await
+                        else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut back).await;
+                    });
+                }
+            });
+            TlsFront {
+                port,
+                handshakes,
+                task,
+            }
+        }
+    }
+
+    /// A reqwest client trusting only `ca_pem` (rustls), optionally presenting
+    /// `identity`; a new connection per request, with the server's certificate in each
+    /// response's `reqwest::tls::TlsInfo`.
+    pub fn client(ca_pem: &str, identity: Option<&Cert>) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap())
+            .tls_info(true)
+            .pool_max_idle_per_host(0)
+            .timeout(std::time::Duration::from_secs(30));
+        if let Some(id) = identity {
+            let pem = format!("{}{}", id.key_pem, id.cert_pem);
+            b = b.identity(reqwest::Identity::from_pem(pem.as_bytes()).unwrap());
+        }
+        b.build().unwrap()
+    }
 }

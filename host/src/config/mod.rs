@@ -16,7 +16,7 @@ use std::path::PathBuf;
     about,
     long_about = None,
     max_term_width = 100,
-    after_help = "Subcommands:\n  vllm-router serve MODEL ...        start vLLM engines and the router in one command (serve --help)\n  vllm-router policy check FILE      load and exercise a policy component offline (policy check --help)\n  vllm-router policy new NAME --lang rust|go|c|js|python   start a policy project"
+    after_help = "Subcommands:\n  vllm-router serve MODEL ...        start vLLM engines and the router in one command (serve --help)\n  vllm-router policy check FILE      load and exercise a policy component offline (policy check --help)\n  vllm-router policy new NAME --lang rust|go|c|js|python   start a policy project\n  vllm-router keys new NAME --file F  make a client API key for --client-api-keys-file (keys --help)"
 )]
 pub struct Args {
     /// Address to listen on for client traffic.
@@ -234,6 +234,64 @@ pub struct Args {
         value_name = "KEY"
     )]
     pub api_key: Option<String>,
+
+    /// Client API keys file (TOML: named keys stored as SHA-256, per-key
+    /// requests_per_second/burst/max_concurrent; see docs/operations.md). With it every
+    /// route but /health, /liveness and /readiness needs `Authorization: Bearer KEY`
+    /// (401 otherwise; 429 with Retry-After over a key's limits). Re-read on change.
+    /// Make keys with `vllm-router keys new NAME --file FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub client_api_keys_file: Option<std::path::PathBuf>,
+
+    /// Global request rate limit: requests per second admitted over all clients (token
+    /// bucket; over it: 429 with Retry-After). Unset: no rate limit. (vllm-project/router's
+    /// flag; its tokens are requests, not LLM tokens.)
+    #[arg(long, value_name = "N")]
+    pub rate_limit_tokens_per_second: Option<f64>,
+
+    /// Bucket size of --rate-limit-tokens-per-second: requests allowed in a burst
+    /// [default: one second's worth].
+    #[arg(long, value_name = "N")]
+    pub rate_limit_burst: Option<f64>,
+
+    /// Serve clients over TLS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key-file. Both files are re-read when they change (new handshakes get the
+    /// new certificate; open connections are kept).
+    #[arg(long, value_name = "FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --tls-cert-file.
+    #[arg(long, value_name = "FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<std::path::PathBuf>,
+
+    /// Extra CA certificates (PEM) trusted for https:// workers, besides the system roots.
+    #[arg(long, value_name = "FILE")]
+    pub worker_ca_file: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) presented to https:// workers (mTLS); needs
+    /// --worker-client-key-file.
+    #[arg(long, value_name = "FILE", requires = "worker_client_key_file")]
+    pub worker_client_cert_file: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --worker-client-cert-file.
+    #[arg(long, value_name = "FILE", requires = "worker_client_cert_file")]
+    pub worker_client_key_file: Option<std::path::PathBuf>,
+
+    /// Most client connections open at once; at the cap new connections wait in the
+    /// kernel's backlog until one closes.
+    #[arg(long, default_value_t = 10000)]
+    pub max_client_connections: usize,
+
+    /// Seconds a client has for the TLS handshake plus its first request head after
+    /// connecting, and for a later request head from its first byte; then the
+    /// connection is closed (slowloris defence).
+    #[arg(long, default_value_t = 10)]
+    pub client_header_timeout_secs: u64,
+
+    /// Seconds a keep-alive client connection may sit idle between requests before the
+    /// router closes it (a request in progress, stream included, is never cut).
+    #[arg(long, default_value_t = 75)]
+    pub client_idle_timeout_secs: u64,
 
     /// Origins browsers may call the router from (CORS), e.g.
     /// `https://chat.example.com`; `*` for any. Unset: no CORS headers.
@@ -508,8 +566,10 @@ impl Args {
             let uri: http::Uri = u
                 .parse()
                 .map_err(|e| format!("worker URL '{u}' is not a URL: {e}"))?;
-            if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                return Err(format!("worker URL '{u}' must look like http://host:port"));
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+                return Err(format!(
+                    "worker URL '{u}' must look like http://host:port or https://host:port"
+                ));
             }
         }
         if self.retry_max_retries == 0 {
@@ -531,6 +591,24 @@ impl Args {
         }
         if self.max_concurrent_requests == 0 {
             return Err("--max-concurrent-requests must be at least 1".into());
+        }
+        if self
+            .rate_limit_tokens_per_second
+            .is_some_and(|r| !(r > 0.0 && r.is_finite()))
+        {
+            return Err("--rate-limit-tokens-per-second must be > 0".into());
+        }
+        if self
+            .rate_limit_burst
+            .is_some_and(|b| !(b >= 1.0 && b.is_finite()))
+        {
+            return Err("--rate-limit-burst must be >= 1".into());
+        }
+        if self.max_client_connections == 0
+            || self.client_header_timeout_secs == 0
+            || self.client_idle_timeout_secs == 0
+        {
+            return Err("--max-client-connections, --client-header-timeout-secs and --client-idle-timeout-secs must be at least 1".into());
         }
         if self.worker_startup_check_interval == 0 {
             return Err("--worker-startup-check-interval must be at least 1".into());

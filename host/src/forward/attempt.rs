@@ -151,7 +151,7 @@ impl Forwarder {
         request_id: &str,
     ) -> Result<Response<Incoming>, AttemptError> {
         let uri = http::Uri::builder()
-            .scheme("http")
+            .scheme(worker.scheme.clone())
             .authority(worker.authority.clone())
             .path_and_query(req.path_and_query.as_str())
             .build()

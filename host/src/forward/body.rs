@@ -4,7 +4,7 @@
 //! when the worker's body ends, when it fails, or when the client goes away.
 
 use super::attempt::{Outcome, is_hop_by_hop};
-use super::{Forwarder, Sent, set_request_id};
+use super::{Admitted, Forwarder, Sent, set_request_id};
 use crate::metrics::route_label;
 use crate::request::RequestInfo;
 use axum::body::Body;
@@ -25,7 +25,7 @@ pub fn respond(
     fwd: Arc<Forwarder>,
     req: &RequestInfo,
     sent: Sent,
-    admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    admission: Admitted,
     started: Instant,
     pd_started: Option<Instant>,
 ) -> Response<Body> {
@@ -76,7 +76,7 @@ struct Done {
     status: StatusCode,
     attempt: Option<super::Attempt>,
     /// `--max-concurrent-requests` permit, released when the body ends.
-    _admission: Option<tokio::sync::OwnedSemaphorePermit>,
+    _admission: Admitted,
     pd_started: Option<Instant>,
     started: Instant,
     first_byte: Option<Duration>,

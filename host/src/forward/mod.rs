@@ -38,8 +38,9 @@ use std::time::{Duration, Instant};
 use vllm_router_runtime::feedback::FeedbackQueue;
 use vllm_router_sdk::Role;
 
-/// The upstream HTTP client (HTTP/1.1, pooled, TCP_NODELAY).
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+/// The upstream HTTP client (HTTP/1.1, pooled, TCP_NODELAY; TLS to `https://` workers,
+/// see [`crate::tls`]).
+pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Build the upstream client: TCP_NODELAY (streamed chunks otherwise stall ~40 ms on
 /// Nagle + delayed ACK), 10 s connect timeout, 50 s idle pool timeout.
@@ -51,7 +52,19 @@ pub fn upstream_client() -> UpstreamClient {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(50))
         .pool_max_idle_per_host(512)
-        .build(http)
+        .build(crate::tls::worker_connector(http))
+}
+
+/// Admission permits a request holds until its response body ends (or the request
+/// fails): the global one (`--max-concurrent-requests`) and the client key's
+/// (`max_concurrent` in `--client-api-keys-file`). `Default`: none (info routes, or no
+/// limits configured).
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// The global in-flight permit.
+    pub global: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The client key's in-flight permit.
+    pub key: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Shared state of the request path.
@@ -327,7 +340,7 @@ impl Forwarder {
         self: &Arc<Self>,
         req: Arc<RequestInfo>,
         policy: bool,
-        admission: Option<tokio::sync::OwnedSemaphorePermit>,
+        admission: Admitted,
     ) -> Response<Body> {
         let started = Instant::now();
         // One arm per request: retries stay on the same A/B arm.

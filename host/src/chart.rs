@@ -1,4 +1,5 @@
-//! A minimal PNG bar chart for the offline tools (`vllm-router policy replay`): a canvas
+//! Minimal PNG bar and line charts for the offline tools (`vllm-router policy replay`,
+//! the soak): a canvas
 //! of RGB pixels, filled rectangles, 8x8 bitmap text (font8x8), and a PNG encoder with
 //! stored (uncompressed) deflate blocks. No image library: the charts are a few hundred
 //! KB and written once per run.
@@ -180,6 +181,84 @@ pub fn bar_chart(title: &str, series: &[String], panels: &[Panel<'_>]) -> Vec<u8
     c.png()
 }
 
+/// One panel of lines over a shared x axis.
+pub struct LinePanel<'a> {
+    /// Panel title (with the unit).
+    pub title: &'a str,
+    /// x of every point (e.g. seconds since start).
+    pub x: &'a [f64],
+    /// `(name, y values)` per line, `y.len() == x.len()`.
+    pub lines: Vec<(&'a str, Vec<f64>)>,
+}
+
+/// Draw line panels stacked vertically (y from 0 to the panel's max, labelled); returns
+/// the PNG bytes. For time series of long-running tools (soak: RSS, fds, request rate).
+pub fn line_chart(title: &str, panels: &[LinePanel<'_>]) -> Vec<u8> {
+    let (pw, ph) = (900usize, 220usize);
+    let mut c = Canvas::new(pw + 20, 40 + panels.len() * (ph + 30));
+    c.text(10, 8, title, [0, 0, 0], 2);
+    for (p, panel) in panels.iter().enumerate() {
+        let (x0, y0) = (60usize, 40 + p * (ph + 30));
+        c.text(10, y0, panel.title, [0, 0, 0], 1);
+        for (i, (name, _)) in panel.lines.iter().enumerate() {
+            let lx = pw - 200 + i * 100;
+            c.rect(lx, y0, 10, 8, SERIES[i % SERIES.len()]);
+            c.text(lx + 14, y0, name, [0, 0, 0], 1);
+        }
+        let (top, base) = (y0 + 14, y0 + ph);
+        let w = pw - x0 - 10;
+        c.rect(x0, top, 1, base - top, [0, 0, 0]);
+        c.rect(x0, base, w, 1, [0, 0, 0]);
+        let ymax = panel
+            .lines
+            .iter()
+            .flat_map(|(_, v)| v.iter().cloned())
+            .fold(0.0f64, f64::max)
+            .max(1e-9);
+        let (xmin, xmax) = (
+            panel.x.first().copied().unwrap_or(0.0),
+            panel.x.last().copied().unwrap_or(1.0),
+        );
+        let span = (xmax - xmin).max(1e-9);
+        c.text(4, top, &format_axis(ymax), [60, 60, 60], 1);
+        c.text(4, base - 8, "0", [60, 60, 60], 1);
+        c.text(x0, base + 4, &format_axis(xmin), [60, 60, 60], 1);
+        c.text(x0 + w - 40, base + 4, &format_axis(xmax), [60, 60, 60], 1);
+        let to_px = |x: f64, y: f64| {
+            let px = x0 as f64 + (x - xmin) / span * w as f64;
+            let py = base as f64 - (y / ymax) * (base - top) as f64;
+            (px, py)
+        };
+        for (i, (_, ys)) in panel.lines.iter().enumerate() {
+            let col = SERIES[i % SERIES.len()];
+            let pts: Vec<(f64, f64)> = panel
+                .x
+                .iter()
+                .zip(ys)
+                .map(|(x, y)| to_px(*x, *y))
+                .collect();
+            for seg in pts.windows(2) {
+                let ((ax, ay), (bx, by)) = (seg[0], seg[1]);
+                let steps = ((bx - ax).abs().max((by - ay).abs()) as usize).max(1);
+                for k in 0..=steps {
+                    let t = k as f64 / steps as f64;
+                    let (x, y) = (ax + (bx - ax) * t, ay + (by - ay) * t);
+                    c.rect(x as usize, (y as usize).saturating_sub(1), 2, 2, col);
+                }
+            }
+        }
+    }
+    c.png()
+}
+
+fn format_axis(v: f64) -> String {
+    if v >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +275,22 @@ mod tests {
         assert_eq!(&png[png.len() - 4..], &[0xAE, 0x42, 0x60, 0x82]);
         assert_eq!(crc32(b"123456789"), 0xCBF4_3926); // the CRC-32 check value
         assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
+    }
+
+    #[test]
+    fn a_line_chart_draws_its_lines() {
+        let x = [0.0, 1.0, 2.0];
+        let png = line_chart(
+            "t",
+            &[LinePanel {
+                title: "p",
+                x: &x,
+                lines: vec![("a", vec![0.0, 5.0, 10.0])],
+            }],
+        );
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        // The line's colour is in the image (stored blocks: raw pixels are in the file).
+        let blue = SERIES[0];
+        assert!(png.windows(3).any(|w| w == blue));
     }
 }

@@ -225,6 +225,12 @@ fn parse(text: &str, old: &Table) -> Result<Table, String> {
     Ok(table)
 }
 
+/// Parse a keys file's text as [`ClientKeys::reload`] does; returns the number of keys.
+/// Errors: as the file's load (for tools and the fuzz target).
+pub fn parse_keys_file(text: &str) -> Result<usize, String> {
+    parse(text, &Table::new()).map(|t| t.len())
+}
+
 impl ClientKeys {
     /// Load `path`. Errors: unreadable file, bad TOML, bad hash or limits (the message
     /// names the file and the key).

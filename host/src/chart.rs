@@ -231,12 +231,7 @@ pub fn line_chart(title: &str, panels: &[LinePanel<'_>]) -> Vec<u8> {
         };
         for (i, (_, ys)) in panel.lines.iter().enumerate() {
             let col = SERIES[i % SERIES.len()];
-            let pts: Vec<(f64, f64)> = panel
-                .x
-                .iter()
-                .zip(ys)
-                .map(|(x, y)| to_px(*x, *y))
-                .collect();
+            let pts: Vec<(f64, f64)> = panel.x.iter().zip(ys).map(|(x, y)| to_px(*x, *y)).collect();
             for seg in pts.windows(2) {
                 let ((ax, ay), (bx, by)) = (seg[0], seg[1]);
                 let steps = ((bx - ax).abs().max((by - ay).abs()) as usize).max(1);

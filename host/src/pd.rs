@@ -100,8 +100,11 @@ pub fn prefill_body(body: &[u8]) -> Result<Bytes, String> {
 }
 
 /// The decode body: the client's bytes, plus `"kv_transfer_params": <raw>` when the
-/// prefill returned one. Spliced before the closing brace (the client's bytes are kept)
-/// unless the client sent its own `kv_transfer_params`, which is then replaced.
+/// prefill returned one, spliced before the closing brace; when the client sent its own
+/// `kv_transfer_params` (the last one, if repeated: what JSON parsers keep), only that
+/// value's bytes are replaced. The client's other bytes are never re-serialised (a
+/// round trip through serde_json changed large numbers by one ULP: found by the
+/// `pd_body_rewrite` fuzz target).
 pub fn decode_body(
     body: &Bytes,
     kv: Option<&serde_json::value::RawValue>,
@@ -110,16 +113,12 @@ pub fn decode_body(
         return Ok(body.clone());
     };
     let index = vllm_router_sdk::routing::FieldIndex::new(body);
-    if index.range("kv_transfer_params").is_some() {
-        let mut v: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(body).map_err(|e| e.to_string())?;
-        v.insert(
-            "kv_transfer_params".into(),
-            serde_json::from_str(kv.get()).map_err(|e| e.to_string())?,
-        );
-        return serde_json::to_vec(&v)
-            .map(Bytes::from)
-            .map_err(|e| e.to_string());
+    if let Some(r) = index.range("kv_transfer_params") {
+        let mut out = Vec::with_capacity(body.len() - r.len() + kv.get().len());
+        out.extend_from_slice(&body[..r.start]);
+        out.extend_from_slice(kv.get().as_bytes());
+        out.extend_from_slice(&body[r.end..]);
+        return Ok(Bytes::from(out));
     }
     let end = body
         .iter()
@@ -352,6 +351,46 @@ mod tests {
         let own = Bytes::from_static(br#"{"model":"m","kv_transfer_params":{"x":1}}"#);
         let v: Value = serde_json::from_slice(&decode_body(&own, Some(&kv)).unwrap()).unwrap();
         assert_eq!(v["kv_transfer_params"]["remote_engine_id"], "e1");
+    }
+
+    /// Found by the `pd_body_rewrite` fuzz target: a prefill's `kv_transfer_params`
+    /// holding a number beyond f64 (`8E663…`, valid JSON: RFC 8259 sets no range) is
+    /// spliced byte for byte, never parsed into a float (which would refuse it, or turn
+    /// it into `inf`).
+    #[test]
+    fn decode_body_splices_numbers_beyond_f64_byte_for_byte() {
+        let body = Bytes::from_static(br#"{"okes":2}"#);
+        let big = format!("8E66{}", "3".repeat(60));
+        let kv = serde_json::value::RawValue::from_string(big.clone()).unwrap();
+        let out = decode_body(&body, Some(&kv)).unwrap();
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            format!(r#"{{"okes":2,"kv_transfer_params":{big}}}"#)
+        );
+        // Still a syntactically valid JSON object for the decode worker.
+        let m: std::collections::HashMap<String, Box<serde_json::value::RawValue>> =
+            serde_json::from_slice(&out).unwrap();
+        assert_eq!(m["kv_transfer_params"].get(), big);
+    }
+
+    /// Found by the `pd_body_rewrite` fuzz target: a client's own `kv_transfer_params`
+    /// used to be replaced by re-serialising the whole body, which changed a 51-digit
+    /// number by one ULP. Now only that value's bytes are replaced.
+    #[test]
+    fn a_clients_own_kv_transfer_params_is_replaced_in_place() {
+        let big = "1".repeat(51);
+        let body = Bytes::from(format!(
+            r#"{{"model":"m", "n":{big},"kv_transfer_params": [1.6,9] ,"x":1.0e-7}}"#
+        ));
+        let kv =
+            serde_json::value::RawValue::from_string(r#"{"remote_engine_id":"e"}"#.into()).unwrap();
+        let out = decode_body(&body, Some(&kv)).unwrap();
+        assert_eq!(
+            String::from_utf8(out.to_vec()).unwrap(),
+            format!(
+                r#"{{"model":"m", "n":{big},"kv_transfer_params": {{"remote_engine_id":"e"}} ,"x":1.0e-7}}"#
+            )
+        );
     }
 
     #[test]

@@ -260,8 +260,14 @@ impl PolicyEngine {
                 let component = match cached {
                     Some(c) => c,
                     None => {
+                        check_header(bytes)?;
                         let c = Component::new(&self.engine, bytes).map_err(|e| {
-                            anyhow::anyhow!("not a valid WebAssembly component: {e:#}")
+                            // wasmparser's messages may span lines; a log line must not.
+                            let msg = format!("{e:#}")
+                                .split_whitespace()
+                                .collect::<Vec<_>>()
+                                .join(" ");
+                            anyhow::anyhow!("not a valid WebAssembly component: {msg}")
                         })?;
                         if let Some(d) = self.disk.get() {
                             d.put(sha256, &c);
@@ -314,5 +320,59 @@ impl PolicyEngine {
             .workers_changed(generation, Arc::new(workers.to_vec()))
             .map_err(|f| anyhow::anyhow!("workers-changed failed: {f}"))?;
         Ok(version)
+    }
+}
+
+/// Refuse bytes that are not a WebAssembly component before compiling, with a one-line
+/// reason a person can act on (a core module, a text file, an empty or cut file).
+fn check_header(bytes: &[u8]) -> anyhow::Result<()> {
+    const MAGIC: &[u8] = b"\0asm";
+    if bytes.len() < 8 || &bytes[..4] != MAGIC {
+        let start: String = bytes
+            .iter()
+            .take(16)
+            .map(|b| {
+                if b.is_ascii_graphic() || *b == b' ' {
+                    *b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        anyhow::bail!(
+            "not a WebAssembly file ({} bytes, starts with {start:?}; a component starts with \\0asm)",
+            bytes.len()
+        );
+    }
+    // Layer 1 is a component; layer 0 a core module (build with wasm32-wasip2, or run
+    // `wasm-tools component new` on a core module).
+    if bytes[6..8] != [1, 0] {
+        anyhow::bail!(
+            "a core WebAssembly module, not a component: build for wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_header;
+
+    #[test]
+    fn files_that_are_not_components_get_a_one_line_reason() {
+        let e = check_header(b"this is not a component")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a WebAssembly file") && e.contains("this is not a co"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+        let e = check_header(b"").unwrap_err().to_string();
+        assert!(e.contains("0 bytes"), "{e}");
+        let core = b"\0asm\x01\0\0\0";
+        let e = check_header(core).unwrap_err().to_string();
+        assert!(e.contains("core WebAssembly module"), "{e}");
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
     }
 }

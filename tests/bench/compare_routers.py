@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Router overhead, side by side in one run: direct to a simulated worker (the physical
-limit), vllm-router (ours: round_robin, cache_aware) and the peers installed from PyPI
-(vllm-project/router as `vllm-router`, SGLang's `sglang-router`), same two simulated
-workers, same policies.
+limit), the physical anchors nginx and haproxy (Debian packages, plain keep-alive
+reverse proxies, one worker process / thread, round robin), vllm-router (ours:
+round_robin, cache_aware) and the peers installed from PyPI (vllm-project/router as
+`vllm-router`, SGLang's `sglang-router`), same two simulated workers, same policies.
 
 Arrangement on a 2-core machine: the router under test is pinned alone on core 0
 (`taskset -c 0`); wrk and the simulated workers share core 1. Each (system, workload)
@@ -56,12 +57,29 @@ def free_port():
         return s.getsockname()[1]
 
 
-def ensure_tools():
-    if not shutil.which("wrk"):
-        log("installing wrk (Debian package)")
-        sudo = [] if os.geteuid() == 0 else ["sudo"]
-        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk"], check=True,
+def apt_install(pkgs):
+    """Install Debian packages without letting their post-install scripts start the
+    system services (nginx would otherwise bind port 80 as a daemon)."""
+    sudo = [] if os.geteuid() == 0 else ["sudo"]
+    rc = Path("/usr/sbin/policy-rc.d")
+    made = False
+    if not rc.exists():
+        subprocess.run(sudo + ["sh", "-c", f"printf '#!/bin/sh\\nexit 101\\n' > {rc} && chmod +x {rc}"], check=True)
+        made = True
+    try:
+        log(f"installing {' '.join(pkgs)} (Debian packages)")
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *pkgs], check=True,
                        stdout=subprocess.DEVNULL)
+    finally:
+        if made:
+            subprocess.run(sudo + ["rm", "-f", str(rc)], check=False)
+
+
+def ensure_tools():
+    missing = [p for p, b in (("wrk", "wrk"), ("nginx", "nginx"), ("haproxy", "haproxy"))
+               if not shutil.which(b) and not Path(f"/usr/sbin/{b}").exists()]
+    if missing:
+        apt_install(missing)
     if not (VENV / "bin" / "sglang-router").exists() or not (VENV / "bin" / "vllm-router").exists():
         log(f"installing peers from PyPI into {VENV} (vllm-router, sglang-router, matplotlib)")
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
@@ -115,9 +133,71 @@ def start_sim(name, core):
 
 
 BASELINE = None
+CONF = OUT / "proxy-conf"
+
+
+def proxy_cmd(system, port, workers):
+    """nginx / haproxy as plain keep-alive reverse proxies: one worker process (nginx) or
+    thread (haproxy), round robin, upstream connections reused, no logging, no
+    buffering of streamed responses."""
+    CONF.mkdir(parents=True, exist_ok=True)
+    if system == "nginx":
+        d = CONF / f"nginx-{port}"
+        for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        servers = "".join(f"    server 127.0.0.1:{w};\n" for w in workers)
+        (d / "nginx.conf").write_text(f"""worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log stderr crit;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  upstream workers {{
+{servers}    keepalive 256;
+  }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://workers;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+""")
+        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        return [binary, "-e", "stderr", "-p", str(d), "-c", str(d / "nginx.conf")]
+    if system == "haproxy":
+        f = CONF / f"haproxy-{port}.cfg"
+        servers = "".join(f"  server w{i} 127.0.0.1:{w}\n" for i, w in enumerate(workers))
+        f.write_text(f"""global
+  nbthread 1
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend f
+  bind 127.0.0.1:{port}
+  default_backend b
+backend b
+  balance roundrobin
+{servers}""")
+        binary = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        return [binary, "-db", "-f", str(f)]
+    raise ValueError(system)
 
 
 def router_cmd(system, policy, port, workers):
+    if system in ("nginx", "haproxy"):
+        return proxy_cmd(system, port, workers)
     urls = [f"http://127.0.0.1:{w}" for w in workers]
     if system in ("ours", "baseline"):
         binary = str(ROOT / "target/release/vllm-router") if system == "ours" else BASELINE
@@ -240,13 +320,14 @@ def main():
         ensure_tools()
         # Continue inside the venv (matplotlib for the chart).
         os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), __file__] + sys.argv[1:])
-    systems = [("direct", "-"), ("ours", "round_robin"), ("ours", "cache_aware"),
+    systems = [("direct", "-"), ("nginx", "round_robin"), ("haproxy", "round_robin"),
+               ("ours", "round_robin"), ("ours", "cache_aware"),
                ("vllm-project/router", "round_robin"), ("vllm-project/router", "cache_aware"),
                ("sglang-router", "round_robin"), ("sglang-router", "cache_aware")]
     if args.no_peers:
-        systems = systems[:3]
+        systems = systems[:5]
     if args.baseline:
-        systems[3:3] = [("baseline", "round_robin"), ("baseline", "cache_aware")]
+        systems[5:5] = [("baseline", "round_robin"), ("baseline", "cache_aware")]
     sims = [start_sim("w0", 1), start_sim("w1", 1)]
     workers = [port for _, port in sims]
     results = {f"{s}|{p}": [] for s, p in systems}
@@ -281,26 +362,36 @@ def main():
                 row[f"{w}_{k}"] = median([r["workloads"][w][k] for r in runs])
         rows.append(row)
     direct = rows[0]
-    peers = [r for r in rows if r["ok"] and r["system"] not in ("direct", "ours", "baseline")]
+    peers = [r for r in rows if r["ok"] and r["system"] in ("vllm-project/router", "sglang-router")]
     if not peers:
         peers = [r for r in rows if r["ok"] and r["system"] != "direct"]
     best_c64 = max((r["c64_rps"] for r in peers), default=float("nan"))
     best_cpu = min((r["c64_cpu_us_per_req"] for r in peers), default=float("nan"))
     versions = {"vllm-project/router": pip_version("vllm-router"), "sglang-router": pip_version("sglang-router")}
 
-    hdr = ("| system | policy | c1 p50 ms | added p50 µs | c1 p99 ms | c64 req/s | ×best peer | c64 p50 ms | c64 p99 ms "
-           "| CPU µs/req (c64) | ×best peer | stream s64 req/s | CPU µs/stream | start ms | RSS MiB |")
+    nginx = next((r for r in rows if r["ok"] and r["system"] == "nginx"), None)
+
+    def vs_nginx(r, key):
+        return r[key] / nginx[key] if nginx and nginx[key] == nginx[key] and nginx[key] > 0 else float("nan")
+
+    hdr = ("| system | policy | c1 p50 ms | added p50 µs | ×nginx | c1 p99 ms | c64 req/s | ×best peer | c64 p50 ms | c64 p99 ms "
+           "| CPU µs/req (c64) | ×best peer | ×nginx | stream s64 req/s | CPU µs/stream | ×nginx | start ms | RSS MiB |")
     lines = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
     for r in rows:
         if not r["ok"]:
-            lines.append(f"| {r['system']} | {r['policy']} | failed to start or run |" + " |" * 12)
+            lines.append(f"| {r['system']} | {r['policy']} | failed to start or run |" + " |" * 15)
             continue
         added = (r["c1_p50_ms"] - direct["c1_p50_ms"]) * 1000 if r["system"] != "direct" else 0.0
+        r["added_p50_us"] = added
+        nginx_added = (nginx["c1_p50_ms"] - direct["c1_p50_ms"]) * 1000 if nginx else float("nan")
+        added_x = added / nginx_added if nginx and nginx_added > 0 and r["system"] != "direct" else float("nan")
         lines.append(
-            f"| {r['system']} | {r['policy']} | {r['c1_p50_ms']:.3f} | {added:.0f} | {r['c1_p99_ms']:.3f} "
+            f"| {r['system']} | {r['policy']} | {r['c1_p50_ms']:.3f} | {added:.0f} | {added_x:.2f} | {r['c1_p99_ms']:.3f} "
             f"| {r['c64_rps']:.0f} | {r['c64_rps'] / best_c64:.2f} | {r['c64_p50_ms']:.2f} | {r['c64_p99_ms']:.2f} "
-            f"| {r['c64_cpu_us_per_req']:.1f} | {r['c64_cpu_us_per_req'] / best_cpu:.2f} | {r['s64_rps']:.0f} "
-            f"| {r['s64_cpu_us_per_req']:.1f} | {r['startup_ms']:.0f} | {r['rss_mib']:.1f} |")
+            f"| {r['c64_cpu_us_per_req']:.1f} | {r['c64_cpu_us_per_req'] / best_cpu:.2f} "
+            f"| {vs_nginx(r, 'c64_cpu_us_per_req'):.2f} | {r['s64_rps']:.0f} "
+            f"| {r['s64_cpu_us_per_req']:.1f} | {vs_nginx(r, 's64_cpu_us_per_req'):.2f} "
+            f"| {r['startup_ms']:.0f} | {r['rss_mib']:.1f} |")
     table = "\n".join(lines)
     meta = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPUs, repeats {args.repeats} × {args.duration} s, "
             f"peers: vllm-project/router {versions['vllm-project/router']}, sglang-router {versions['sglang-router']}; "
@@ -324,7 +415,8 @@ def plot(rows, direct):
     ok = [r for r in rows if r["ok"]]
     labels = [f"{r['system']}\n{r['policy']}" for r in ok]
     colors = ["#888" if r["system"] == "direct" else "#2a7" if r["system"] == "ours"
-              else "#7a9" if r["system"] == "baseline" else "#c64" for r in ok]
+              else "#7a9" if r["system"] == "baseline" else "#46a" if r["system"] in ("nginx", "haproxy")
+              else "#c64" for r in ok]
     fig, ax = plt.subplots(1, 3, figsize=(18, 5.5))
     ax[0].bar(labels, [r["c64_rps"] for r in ok], color=colors)
     ax[0].set_title("throughput, 64 connections (req/s)")

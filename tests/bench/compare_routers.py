@@ -176,7 +176,7 @@ http {{
         servers = "".join(f"  server w{i} 127.0.0.1:{w}\n" for i, w in enumerate(workers))
         f.write_text(f"""global
   nbthread 1
-  maxconn 20000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s

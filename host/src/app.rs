@@ -170,22 +170,15 @@ impl App {
             (Some(c), Some(k)) => {
                 let cert = crate::tls::ReloadingCert::load(c, k)
                     .map_err(|e| anyhow::anyhow!("--tls-cert-file/--tls-key-file: {e}"))?;
-                let (reload, m) = (cert.clone(), metrics.clone());
-                watches.push(crate::watch::watch_files(
-                    "tls-certificate",
+                let reload = cert.clone();
+                watches.push(reload_on_change(
+                    "TLS certificate",
                     &cert.files(),
-                    Duration::from_millis(500),
-                    move || match reload.reload() {
-                        Ok(()) => {
-                            m.tls_reloads.with_label_values(&["ok"]).inc();
-                            tracing::info!("TLS certificate reloaded; new connections use it");
-                        }
-                        Err(e) => {
-                            m.tls_reloads.with_label_values(&["error"]).inc();
-                            tracing::error!(
-                                "TLS certificate not reloaded (the previous one keeps serving): {e}"
-                            );
-                        }
+                    metrics.tls_reloads.clone(),
+                    "the previous certificate keeps serving",
+                    move || {
+                        reload.reload()?;
+                        Ok("TLS certificate reloaded; new connections use it".into())
                     },
                 )?);
                 Some(cert)
@@ -196,22 +189,17 @@ impl App {
             Some(path) => {
                 let keys = crate::clients::ClientKeys::load(path)
                     .map_err(|e| anyhow::anyhow!("--client-api-keys-file: {e}"))?;
-                let (reload, m) = (keys.clone(), metrics.clone());
-                watches.push(crate::watch::watch_files(
-                    "client-keys",
+                let reload = keys.clone();
+                watches.push(reload_on_change(
+                    "client API keys",
                     &[path.clone()],
-                    Duration::from_millis(200),
-                    move || match reload.reload() {
-                        Ok(n) => {
-                            m.client_keys_reloads.with_label_values(&["ok"]).inc();
-                            tracing::info!("client API keys reloaded: {n} keys");
-                        }
-                        Err(e) => {
-                            m.client_keys_reloads.with_label_values(&["error"]).inc();
-                            tracing::error!(
-                                "client API keys not reloaded (the previous keys stay): {e}"
-                            );
-                        }
+                    metrics.client_keys_reloads.clone(),
+                    "the previous keys stay",
+                    move || {
+                        Ok(format!(
+                            "client API keys reloaded: {} keys",
+                            reload.reload()?
+                        ))
                     },
                 )?);
                 Some(keys)
@@ -532,6 +520,33 @@ pub async fn run_until(
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Watch `files` and run `reload` 200 ms after they stop changing: its message is
+/// logged at info and counted `result="ok"` in `counter`; an error is logged with
+/// `kept` (what stays in force) and counted `result="error"`.
+fn reload_on_change(
+    what: &'static str,
+    files: &[std::path::PathBuf],
+    counter: prometheus::IntCounterVec,
+    kept: &'static str,
+    reload: impl Fn() -> Result<String, String> + Send + 'static,
+) -> anyhow::Result<crate::watch::FileWatch> {
+    crate::watch::watch_files(
+        what,
+        files,
+        Duration::from_millis(200),
+        move || match reload() {
+            Ok(msg) => {
+                counter.with_label_values(&["ok"]).inc();
+                tracing::info!("{msg}");
+            }
+            Err(e) => {
+                counter.with_label_values(&["error"]).inc();
+                tracing::error!("{what} not reloaded ({kept}): {e}");
+            }
+        },
+    )
 }
 
 /// Where compiled policies are kept: `dir` (`--policy-cache-dir`), else the user's

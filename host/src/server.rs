@@ -206,10 +206,19 @@ async fn authenticate(
     }
 }
 
-/// 429 with `Retry-After` (seconds, rounded up).
-fn too_many(code: &'static str, msg: String, retry_after: u64, rid: &str) -> Response {
-    let mut r =
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, msg).into_response();
+/// 429 with `Retry-After` (seconds, rounded up), recorded like every router error.
+fn too_many(
+    st: &AppState,
+    route: &'static str,
+    started: Instant,
+    code: &'static str,
+    msg: String,
+    retry_after: u64,
+    rid: &str,
+) -> Response {
+    let e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", code, msg);
+    st.fwd.finish_error(route, "none", &e, started);
+    let mut r = e.into_response();
     set_request_id(r.headers_mut(), rid);
     r.headers_mut()
         .insert(header::RETRY_AFTER, http::HeaderValue::from(retry_after));
@@ -396,14 +405,7 @@ async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
             Err((code, msg, after)) => {
                 m.with_label_values(&[&key.name, code]).inc();
                 tracing::debug!(key = %key.name, code, "client key over its limits");
-                let e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    code,
-                    msg.clone(),
-                );
-                st.fwd.finish_error(route, "none", &e, started);
-                return too_many(code, msg, after, &rid);
+                return too_many(&st, route, started, code, msg, after, &rid);
             }
         }
     }
@@ -522,14 +524,7 @@ async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
                     .admission_rejections
                     .with_label_values(&[code])
                     .inc();
-                let e = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_error",
-                    code,
-                    msg.clone(),
-                );
-                st.fwd.finish_error(route, "none", &e, started);
-                return too_many(code, msg, after, &info.request_id);
+                return too_many(&st, route, started, code, msg, after, &info.request_id);
             }
         }
     }

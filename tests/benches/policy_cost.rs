@@ -205,24 +205,43 @@ fn main() {
                 } else {
                     text_of(kib, 0)
                 };
-                let version = engine.load(b.name, "bench", b.wasm, "{}").unwrap();
+                let version = engine
+                    .load(
+                        b.name,
+                        "bench",
+                        b.wasm,
+                        &format!("bench-{}", b.name),
+                        "{}",
+                        set.generation,
+                        &vllm_router::policy::sync::worker_infos(&set),
+                    )
+                    .unwrap();
                 let mut native = native_policy(name, &workers);
                 // Warm the tree (cache_aware) with 200 prompts sharing the header.
                 if *name == "cache_aware" {
                     for s in 1..=200 {
                         let t = text_of(kib, s);
                         let r = request(body_with_text(&t));
-                        version.select(&r, Stage::Regular, &set, &cands).unwrap();
+                        version
+                            .select(r.clone(), Stage::Regular, set.generation, &cands)
+                            .unwrap();
                         native(&Native { text: t }, &ncands);
                     }
                 }
                 let req = request(body_with_text(&text));
                 let nreq = Native { text: text.clone() };
-                version.select(&req, Stage::Regular, &set, &cands).unwrap();
+                version
+                    .select(req.clone(), Stage::Regular, set.generation, &cands)
+                    .unwrap();
                 let wasm = time_us(|| {
                     black_box(
                         version
-                            .select(&req, Stage::Regular, &set, black_box(&cands))
+                            .select(
+                                req.clone(),
+                                Stage::Regular,
+                                set.generation,
+                                black_box(&cands),
+                            )
                             .unwrap(),
                     );
                 });

@@ -339,6 +339,18 @@ async fn main() {
         _ => (0.0, 0.0),
     };
     let rss_max = after.iter().map(|i| rss[*i]).fold(0.0, f64::max);
+    // Anonymous memory (heap, stacks, policy instances, compiled policy code) is what a
+    // leak grows; RSS also counts the binary's own text pages, which grow once when a
+    // code path runs for the first time (compiling a policy pages in Cranelift).
+    let (anon0, anon1) = match (after.first(), after.last()) {
+        (Some(a), Some(b)) => (anon[*a], anon[*b]),
+        _ => (0.0, 0.0),
+    };
+    let anon_growth = if anon0 > 0.0 {
+        (anon1 - anon0) / anon0 * 100.0
+    } else {
+        0.0
+    };
     let growth = if rss0 > 0.0 {
         (rss1 - rss0) / rss0 * 100.0
     } else {

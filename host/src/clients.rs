@@ -254,11 +254,6 @@ impl ClientKeys {
         Ok(n)
     }
 
-    /// The file, for the watcher.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The key named by `Authorization: Bearer KEY`. Keys are looked up by their
     /// SHA-256, so the comparison never touches the secret byte by byte.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<ClientKey>, AuthError> {

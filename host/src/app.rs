@@ -334,7 +334,27 @@ impl App {
         if admin.key.is_some() {
             tracing::info!("admin API enabled (bearer token required)");
         }
+        let kv = crate::kv::KvEvents::start(
+            crate::kv::KvConfig {
+                sources: args.kv_event_source.clone(),
+                replay: args.kv_event_replay_source.clone(),
+                block_size: args.kv_event_block_size,
+                max_blocks_per_worker: args.kv_index_max_blocks,
+                discover: args.kv_event_discovery,
+                tokenize_timeout: Duration::from_millis(args.kv_tokenize_timeout_ms.max(1)),
+            },
+            registry.clone(),
+            metrics.clone(),
+        );
+        if slots
+            .every_slot()
+            .iter()
+            .any(|s| s.current().reads_prefix_cache())
+        {
+            kv.want();
+        }
         let fwd = Arc::new(Forwarder {
+            kv: Some(kv),
             registry: registry.clone(),
             slots,
             metrics: metrics.clone(),

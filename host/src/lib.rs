@@ -43,6 +43,7 @@ pub mod fleet;
 pub mod forward;
 pub mod health;
 pub mod k8s;
+pub mod kv;
 pub mod listener;
 pub mod metrics;
 pub mod pd;

@@ -193,6 +193,20 @@ pub struct Metrics {
     pub client_auth_failures: IntCounterVec,
     /// `vllm_router_client_keys_reloads_total{result}` (ok, error).
     pub client_keys_reloads: IntCounterVec,
+    /// `vllm_router_kv_source_state{worker}`: 0 fallback, 1 exact, 2 degraded.
+    pub kv_source_state: IntGaugeVec,
+    /// `vllm_router_kv_index_blocks{worker}`: blocks the index holds for each worker.
+    pub kv_index_blocks: IntGaugeVec,
+    /// `vllm_router_kv_blocks_total{op}`: blocks stored, removed, evicted (bound),
+    /// orphaned (`BlockStored` whose parent was unknown).
+    pub kv_blocks: IntCounterVec,
+    /// `vllm_router_kv_resyncs_total{reason}`: restart, replayed, reset.
+    pub kv_resyncs: IntCounterVec,
+    /// `vllm_router_kv_event_decode_errors_total`.
+    pub kv_decode_errors: prometheus::IntCounter,
+    /// `vllm_router_kv_tokenize_duration_seconds{result}`: the `/tokenize` call before
+    /// `select` for a policy that reads the prefix cache (ok, error, timeout).
+    pub kv_tokenize_seconds: HistogramVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -448,8 +462,76 @@ impl Metrics {
                 "Reloads of --client-api-keys-file, by result (ok, error: the previous keys stay).",
                 &["result"],
             ),
+            kv_source_state: gauge(
+                &r,
+                "vllm_router_kv_source_state",
+                "State of each worker's KV-event source: 0 fallback (no events), 1 exact, 2 degraded (events lost, not yet resynchronised).",
+                &["worker"],
+            ),
+            kv_index_blocks: gauge(
+                &r,
+                "vllm_router_kv_index_blocks",
+                "KV blocks the router's index holds for each worker (from its KV events; bounded by --kv-index-max-blocks).",
+                &["worker"],
+            ),
+            kv_blocks: counter(
+                &r,
+                "vllm_router_kv_blocks_total",
+                "KV blocks applied to the router's index from vLLM KV events, by op (stored, removed, evicted: over --kv-index-max-blocks, orphaned: parent unknown).",
+                &["op"],
+            ),
+            kv_resyncs: counter(
+                &r,
+                "vllm_router_kv_resyncs_total",
+                "KV-event sources resynchronised, by reason (restart: sequence went back; replayed: gap filled from the replay socket; reset: gap not replayable, entries dropped).",
+                &["reason"],
+            ),
+            kv_decode_errors: {
+                let c = prometheus::IntCounter::new(
+                    "vllm_router_kv_event_decode_errors_total",
+                    "KV-event messages that could not be decoded (ignored).",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            kv_tokenize_seconds: histogram(
+                &r,
+                "vllm_router_kv_tokenize_duration_seconds",
+                "Time to tokenize a prompt (worker /tokenize) before select, for policies that read the prefix cache, by result (ok, error, timeout).",
+                &["result"],
+                &[
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                ],
+            ),
             registry: r,
         }
+    }
+
+    /// Publish `worker`'s KV-event source state.
+    pub fn kv_state(&self, worker: &str, s: crate::kv::SourceState) {
+        self.kv_source_state
+            .with_label_values(&[worker])
+            .set(s.code() as i64);
+    }
+
+    /// Count what applying one event batch did.
+    pub fn kv_applied(&self, a: &crate::kv::index::Applied) {
+        for (op, n) in [
+            ("stored", a.stored),
+            ("removed", a.removed),
+            ("evicted", a.evicted),
+            ("orphaned", a.orphans),
+        ] {
+            if n > 0 {
+                self.kv_blocks.with_label_values(&[op]).inc_by(n);
+            }
+        }
+    }
+
+    /// Count a KV-source resynchronisation.
+    pub fn kv_resync(&self, reason: &str) {
+        self.kv_resyncs.with_label_values(&[reason]).inc();
     }
 
     /// Drop the series of workers that left (every metric with a `worker` label whose

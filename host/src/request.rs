@@ -50,6 +50,9 @@ pub struct RequestInfo {
     pub request_id: String,
     /// Whether the id came from a client header.
     pub request_id_from_client: bool,
+    /// The prompt's KV blocks, set before `select` for a policy that reads the prefix
+    /// cache ([`crate::kv::KvEvents::prepare`]).
+    pub kv: OnceLock<crate::kv::KvPrompt>,
     index: OnceLock<FieldIndex>,
     text: OnceLock<String>,
 }
@@ -95,6 +98,7 @@ impl RequestInfo {
             stream,
             request_id: String::new(),
             request_id_from_client: false,
+            kv: OnceLock::new(),
             index: OnceLock::new(),
             text: OnceLock::new(),
         })
@@ -118,6 +122,7 @@ impl RequestInfo {
             stream: false,
             request_id: String::new(),
             request_id_from_client: false,
+            kv: OnceLock::new(),
             index: OnceLock::new(),
             text: OnceLock::new(),
         }
@@ -167,5 +172,14 @@ impl vllm_router_runtime::RequestView for RequestInfo {
     }
     fn request_id(&self) -> &str {
         &self.request_id
+    }
+    fn prefix_match(&self, candidates: &[u32], out: &mut Vec<u64>) -> u32 {
+        match self.kv.get() {
+            Some(p) => p.matches(candidates, out),
+            None => {
+                out.extend(candidates.iter().map(|_| 0u64));
+                0
+            }
+        }
     }
 }

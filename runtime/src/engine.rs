@@ -123,6 +123,17 @@ impl PolicyEngine {
         let engine = Engine::new(&cfg)?;
         let mut linker = Linker::new(&engine);
         PolicyWorld::add_to_linker::<PolicyState, HasSelf<PolicyState>>(&mut linker, |s| s)?;
+        // `prefix-cache` re-exports the `request` resource of `types` (`use`); the
+        // bindings do not define it there, and the catch-all for unknown imports
+        // (`wasi::link_wasi`) would otherwise define a *different* resource under that
+        // name, which the type check refuses ("mismatched resource types").
+        linker
+            .instance("vllm:router-kv/prefix-cache@0.1.0")?
+            .resource(
+                "request",
+                wasmtime::component::ResourceType::host::<crate::ReqHandle>(),
+                |_, _| Ok(()),
+            )?;
         let ticker = Arc::new(Ticker {
             calls: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -293,8 +304,15 @@ impl PolicyEngine {
                 pre
             }
         };
+        let reads_prefix_cache = pre
+            .instance_pre()
+            .component()
+            .component_type()
+            .imports(&self.engine)
+            .any(|(name, _)| name.starts_with("vllm:router-kv/prefix-cache@"));
         let version = Arc::new(PolicyVersion {
             name: name.to_string(),
+            reads_prefix_cache,
             label: format!("{name}@{}", &sha256[..12.min(sha256.len())]).into(),
             sha256: sha256.to_string(),
             source: source.to_string(),

@@ -1,7 +1,7 @@
 //! What a policy may import from the host: the `request` resource's accessors (reading
 //! the current request through [`crate::RequestView`]) and `host.log`/`now-ms`/`random`.
 
-use crate::{LOG_LINES_PER_SEC, ReqHandle, RequestView, Stage, clock, host, types};
+use crate::{LOG_LINES_PER_SEC, ReqHandle, RequestView, Stage, clock, host, prefix_cache, types};
 use std::sync::Arc;
 use std::time::Instant;
 use wasmtime::component::Resource;
@@ -10,6 +10,9 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 /// Per-Store state: the current request, the log limiter and the memory limits.
 pub struct PolicyState {
     pub(crate) current: Option<(Arc<dyn RequestView>, Stage)>,
+    /// Worker ids of the current `select`'s candidates, in order; filled only for a
+    /// version that imports `prefix-cache` (the only reader).
+    pub(crate) candidate_ids: Vec<u32>,
     pub(crate) label: Arc<str>,
     pub(crate) limits: StoreLimits,
     /// Largest linear memory this instance asked for, bytes (what `policy check` reports).
@@ -148,5 +151,27 @@ impl host::Host for PolicyState {
     }
     fn random(&mut self) -> wasmtime::Result<u64> {
         Ok(rand::random())
+    }
+}
+
+impl prefix_cache::Host for PolicyState {
+    fn cached_prefix(
+        &mut self,
+        _: Resource<ReqHandle>,
+    ) -> wasmtime::Result<prefix_cache::PrefixMatch> {
+        let Some((req, _)) = &self.current else {
+            return Ok(prefix_cache::PrefixMatch {
+                total_blocks: 0,
+                candidates: Vec::new(),
+            });
+        };
+        let mut words = Vec::with_capacity(self.candidate_ids.len());
+        let total_blocks = req.prefix_match(&self.candidate_ids, &mut words);
+        // A host bug must not desynchronise the guest's indexing.
+        words.resize(self.candidate_ids.len(), 0);
+        Ok(prefix_cache::PrefixMatch {
+            total_blocks,
+            candidates: words,
+        })
     }
 }

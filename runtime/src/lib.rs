@@ -53,6 +53,15 @@ pub trait RequestView: Send + Sync {
     fn body_length(&self) -> u64;
     /// The request id the router uses.
     fn request_id(&self) -> &str;
+    /// The prompt's prefix match against the KV-event index (`vllm:router-kv/prefix-cache`,
+    /// `wit/kv/prefix-cache.wit`): pushes one word per id of `candidates` (worker ids in
+    /// `select` order) onto `out` — leading blocks held in bits 0..32, source state in
+    /// bits 32..34 — and returns the prompt's full blocks. The default (no index, or no
+    /// tokenized prompt) is 0 blocks and a zero word per candidate.
+    fn prefix_match(&self, candidates: &[u32], out: &mut Vec<u64>) -> u32 {
+        out.extend(candidates.iter().map(|_| 0u64));
+        0
+    }
 }
 
 /// A worker as a policy sees it in `workers-changed`.
@@ -72,8 +81,10 @@ pub struct WorkerInfo {
 
 mod bindings {
     wasmtime::component::bindgen!({
-        path: "../wit",
-        world: "policy",
+        // The frozen policy contract and the optional KV capability beside it: a
+        // component that does not import `prefix-cache` links exactly as before.
+        path: ["../wit", "../wit/kv"],
+        world: "vllm:router-kv/policy-kv",
         imports: { default: trappable },
         with: { "vllm:router-policy/types.request": super::ReqHandle },
         // `Stage` is used as a map key in the host's metrics handles.
@@ -81,9 +92,10 @@ mod bindings {
     });
 }
 
+use bindings::vllm::router_kv::prefix_cache;
 pub use bindings::vllm::router_policy::types::{Completion, Stage};
 use bindings::vllm::router_policy::{host, types};
-use bindings::{Policy as PolicyWorld, PolicyPre};
+use bindings::{PolicyKv as PolicyWorld, PolicyKvPre as PolicyPre};
 
 /// Marker for the `request` resource: the host passes the current request by borrow and
 /// keeps it in the Store's data, so no table entry is made per call.

@@ -129,6 +129,9 @@ pub struct PolicyVersion {
     /// This version's sandbox limits (the engine's, or its slot's overrides).
     pub(crate) limits: crate::Limits,
     pub(crate) pre: PolicyPre<PolicyState>,
+    /// Whether the component imports `vllm:router-kv/prefix-cache` (the host then has
+    /// the prompt tokenized before `select`; see [`PolicyVersion::reads_prefix_cache`]).
+    pub(crate) reads_prefix_cache: bool,
     pub(crate) live: Mutex<Option<Live>>,
     /// The latest worker set pushed (generation, workers), replayed into a fresh
     /// instance after a fault.
@@ -166,6 +169,13 @@ fn to_wit_worker(w: &WorkerInfo) -> types::Worker {
 }
 
 impl PolicyVersion {
+    /// Whether this version imports `vllm:router-kv/prefix-cache`: only then is a
+    /// request's prompt tokenized and matched against the KV-event index before `select`
+    /// (a policy that never asks costs nothing).
+    pub fn reads_prefix_cache(&self) -> bool {
+        self.reads_prefix_cache
+    }
+
     pub(crate) fn instantiate(&self) -> anyhow::Result<Live> {
         let _call = self.engine.ticker.enter();
         let limits = StoreLimitsBuilder::new()
@@ -177,6 +187,7 @@ impl PolicyVersion {
             .build();
         let state = PolicyState {
             current: None,
+            candidate_ids: Vec::new(),
             label: self.label.clone(),
             limits,
             started: Instant::now(),
@@ -370,7 +381,12 @@ impl PolicyVersion {
             if candidates.iter().any(|c| c.engine.is_some()) {
                 engine.extend(candidates.iter().map(|c| pack_engine(c.engine.as_ref())));
             }
-            live.store.data_mut().current = Some((req, stage));
+            let data = live.store.data_mut();
+            data.current = Some((req, stage));
+            if self.reads_prefix_cache {
+                data.candidate_ids.clear();
+                data.candidate_ids.extend(candidates.iter().map(|c| c.id));
+            }
             live.store.set_epoch_deadline(self.limits.call_ms);
             let r = live.world.vllm_router_policy_balancer().call_select(
                 &mut live.store,

@@ -8,8 +8,11 @@ use std::marker::PhantomData;
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
-        world: "policy",
+        // The frozen contract plus the optional KV capability; a policy that never calls
+        // `kv::cached_prefix` does not import it (unused imports are dropped at link).
+        path: ["../wit", "../wit/kv"],
+        world: "vllm:router-kv/policy-kv",
+        generate_all,
         pub_export_macro: true,
         export_macro_name: "export",
         default_bindings_module: "vllm_router_sdk::component::bindings",
@@ -47,6 +50,9 @@ impl<P: Policy> DynPolicy for P {
 }
 
 thread_local! {
+    /// The borrowed request of the `select` call in progress (null outside one), for
+    /// [`cached_prefix_words`].
+    static CURRENT_REQUEST: std::cell::Cell<*const t::Request> = const { std::cell::Cell::new(std::ptr::null()) };
     static INSTANCE: RefCell<Option<Box<dyn DynPolicy>>> = const { RefCell::new(None) };
     static CANDIDATES: RefCell<Vec<Candidate>> = const { RefCell::new(Vec::new()) };
 }
@@ -139,7 +145,10 @@ impl<P: Policy> wit::Guest for Adapter<P> {
             buf.extend(candidates.iter().enumerate().map(|(i, &w)| {
                 crate::wire::unpack_candidate(w, engine.get(i).copied().unwrap_or(0))
             }));
-            with_policy(|p| p.select(&ReqView(req), &buf))
+            CURRENT_REQUEST.with(|c| c.set(req as *const t::Request));
+            let d = with_policy(|p| p.select(&ReqView(req), &buf));
+            CURRENT_REQUEST.with(|c| c.set(std::ptr::null()));
+            d
         });
         match d {
             Some(Decision::Worker(id)) => t::Decision::Worker(id),
@@ -167,4 +176,18 @@ impl<P: Policy> wit::Guest for Adapter<P> {
         with_policy(|p| p.import_state(&state))
             .unwrap_or_else(|| Err("policy not initialised".to_string()))
     }
+}
+
+/// `prefix-cache.cached-prefix` for the request of the `select` in progress: total blocks
+/// and one packed word per candidate; `(0, [])` outside `select`.
+pub(crate) fn cached_prefix_words() -> (u32, Vec<u64>) {
+    let p = CURRENT_REQUEST.with(|c| c.get());
+    if p.is_null() {
+        return (0, Vec::new());
+    }
+    // SAFETY: `CURRENT_REQUEST` is non-null only while `select` runs on this (single)
+    // thread, and it points at that call's borrowed `req`, which outlives the call.
+    let req = unsafe { &*p };
+    let m = bindings::vllm::router_kv::prefix_cache::cached_prefix(req);
+    (m.total_blocks, m.candidates)
 }

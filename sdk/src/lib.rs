@@ -37,6 +37,7 @@ pub mod component;
 
 /// Re-exports a policy author needs.
 pub mod prelude {
+    pub use crate::kv::{self, CachedBlocks, PrefixMatch, SourceState};
     pub use crate::{
         Candidate, Completion, Decision, EngineLoad, Level, Policy, Request, Role, Stage, Worker,
         WorkerId, host,
@@ -259,6 +260,141 @@ pub trait Request {
     fn request_id(&self) -> String;
     /// The stage this decision is for.
     fn stage(&self) -> Stage;
+    /// Native tests only: the prefix match a [`testing::FakeRequest`] was given, for
+    /// `candidates`. Not part of the component (read it with [`kv::cached_prefix`]).
+    #[doc(hidden)]
+    #[cfg(not(target_arch = "wasm32"))]
+    fn test_prefix_match(&self, candidates: &[WorkerId]) -> kv::PrefixMatch {
+        kv::PrefixMatch {
+            total_blocks: 0,
+            candidates: candidates
+                .iter()
+                .map(|_| kv::CachedBlocks::default())
+                .collect(),
+        }
+    }
+}
+
+/// Exact prefix-cache knowledge from vLLM's KV-cache events: the optional capability
+/// `vllm:router-kv/prefix-cache` (`wit/kv/prefix-cache.wit`).
+///
+/// A policy that calls [`cached_prefix`] imports that interface; the router then has each
+/// request's prompt tokenized (the worker's `/tokenize`) and matched against its index of
+/// which worker holds which KV block before calling `select`. A policy that never calls
+/// it does not import it (the linker drops the unused import) and pays nothing.
+pub mod kv {
+    use crate::{Candidate, Request};
+
+    /// State of a worker's KV-event source, as the router tracks it.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub enum SourceState {
+        /// No events from this worker (none configured or discovered, or not yet
+        /// connected): its count is 0 and means "unknown", not "cold".
+        #[default]
+        Fallback,
+        /// Every event since the last (re)synchronisation was seen: the count is exact.
+        Exact,
+        /// Events were lost (a sequence gap or a disconnect) and no replay has closed the
+        /// gap yet: the count may be stale.
+        Degraded,
+    }
+
+    /// What one candidate holds of the request's prompt.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct CachedBlocks {
+        /// Leading blocks of the prompt in the worker's KV cache (a hit run from the
+        /// first block), in blocks of the engine's block size (vLLM's default 16 tokens).
+        pub blocks: u32,
+        /// How far to trust `blocks`.
+        pub source: SourceState,
+    }
+
+    /// The request's prefix match against the candidates of one `select`.
+    #[derive(Clone, Debug, Default, PartialEq, Eq)]
+    pub struct PrefixMatch {
+        /// Full blocks in the prompt; 0 when it could not be tokenized or is shorter than
+        /// one block.
+        pub total_blocks: u32,
+        /// One entry per candidate, in the order of the `candidates` slice passed in.
+        pub candidates: Vec<CachedBlocks>,
+    }
+
+    impl PrefixMatch {
+        /// Whether any candidate's source is [`SourceState::Exact`] or degraded, i.e.
+        /// whether the numbers say anything at all.
+        pub fn has_events(&self) -> bool {
+            self.candidates
+                .iter()
+                .any(|c| c.source != SourceState::Fallback)
+        }
+    }
+
+    /// Pack one candidate's entry the way the contract sends it: blocks in bits 0..32,
+    /// source state in bits 32..34 (0 fallback, 1 exact, 2 degraded).
+    pub fn pack(c: &CachedBlocks) -> u64 {
+        let s = match c.source {
+            SourceState::Fallback => 0u64,
+            SourceState::Exact => 1,
+            SourceState::Degraded => 2,
+        };
+        c.blocks as u64 | s << 32
+    }
+
+    /// Inverse of [`pack`]; an unknown state reads as fallback.
+    pub fn unpack(w: u64) -> CachedBlocks {
+        CachedBlocks {
+            blocks: w as u32,
+            source: match (w >> 32) & 3 {
+                1 => SourceState::Exact,
+                2 => SourceState::Degraded,
+                _ => SourceState::Fallback,
+            },
+        }
+    }
+
+    /// The current request's prefix match, one entry per element of `candidates` (pass
+    /// the slice `select` received). In a component this is one host call; natively it
+    /// is what the [`crate::testing::FakeRequest`] was given.
+    pub fn cached_prefix(req: &dyn Request, candidates: &[Candidate]) -> PrefixMatch {
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = req;
+            let (total_blocks, words) = crate::component::cached_prefix_words();
+            let mut m = PrefixMatch {
+                total_blocks,
+                candidates: words.into_iter().map(unpack).collect(),
+            };
+            m.candidates
+                .resize(candidates.len(), CachedBlocks::default());
+            m
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let ids: Vec<_> = candidates.iter().map(|c| c.id).collect();
+            req.test_prefix_match(&ids)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn pack_round_trip() {
+            for source in [
+                SourceState::Fallback,
+                SourceState::Exact,
+                SourceState::Degraded,
+            ] {
+                let c = CachedBlocks {
+                    blocks: u32::MAX,
+                    source,
+                };
+                assert_eq!(unpack(pack(&c)), c);
+            }
+            assert_eq!(unpack(3 << 32).source, SourceState::Fallback);
+        }
+    }
 }
 
 /// A load-balancing policy. One instance lives for the life of a loaded policy version;

@@ -39,6 +39,10 @@ pub struct FakeRequest {
     pub request_id: String,
     /// Stage.
     pub stage: Stage,
+    /// What [`crate::kv::cached_prefix`] answers: the prompt's full blocks and, per
+    /// worker id, the leading blocks it holds and its source state (workers not listed:
+    /// 0 blocks, fallback).
+    pub prefix: Option<(u32, Vec<(WorkerId, crate::kv::CachedBlocks)>)>,
     index: FieldIndex,
 }
 
@@ -53,8 +57,28 @@ impl FakeRequest {
             body,
             request_id: "test-request".to_string(),
             stage: Stage::Regular,
+            prefix: None,
             index,
         }
+    }
+
+    /// Give the request a KV prefix match: `total_blocks` full blocks, and per worker
+    /// `(id, leading blocks held)` from an exact source.
+    pub fn with_cached_prefix(mut self, total_blocks: u32, held: &[(WorkerId, u32)]) -> Self {
+        let per = held
+            .iter()
+            .map(|&(id, blocks)| {
+                (
+                    id,
+                    crate::kv::CachedBlocks {
+                        blocks,
+                        source: crate::kv::SourceState::Exact,
+                    },
+                )
+            })
+            .collect();
+        self.prefix = Some((total_blocks, per));
+        self
     }
 
     /// A chat completion with one user message.
@@ -120,6 +144,26 @@ impl Request for FakeRequest {
     }
     fn stage(&self) -> Stage {
         self.stage
+    }
+    fn test_prefix_match(&self, candidates: &[WorkerId]) -> crate::kv::PrefixMatch {
+        let Some((total_blocks, per)) = &self.prefix else {
+            return crate::kv::PrefixMatch {
+                total_blocks: 0,
+                candidates: vec![Default::default(); candidates.len()],
+            };
+        };
+        crate::kv::PrefixMatch {
+            total_blocks: *total_blocks,
+            candidates: candidates
+                .iter()
+                .map(|id| {
+                    per.iter()
+                        .find(|(w, _)| w == id)
+                        .map(|(_, c)| *c)
+                        .unwrap_or_default()
+                })
+                .collect(),
+        }
     }
 }
 

@@ -114,6 +114,8 @@ pub struct Args {
     /// Built-in load-balancing policy, embedded in the binary as a WebAssembly component:
     /// round_robin, random, power_of_two (less loaded of two random workers),
     /// cache_aware (prefix-cache affinity, see --cache-threshold and below),
+    /// kv_aware (exact prefix-cache affinity from vLLM KV events, see --kv-event-source;
+    /// cache_aware while it has no events),
     /// consistent_hash (session key from x-session-id / x-user-id /
     /// ... headers or the body's user / session fields; `--policy-config
     /// '{"bounded_load":true,"load_factor":1.25}'` caps any worker's share).
@@ -154,6 +156,40 @@ pub struct Args {
     /// The whole tree is also capped at 24 MiB so it fits --policy-max-memory-mb 64.
     #[arg(long, default_value_t = 1 << 26)]
     pub max_tree_size: u64,
+
+    /// KV events: a worker's vLLM KV-event publisher, as `WORKER_URL=tcp://HOST:PORT`
+    /// (repeatable or comma-separated; vllm-project/router's flag). The rank-0 port; DP
+    /// rank r is read at port + r; a `*` host means the worker's host. Workers without
+    /// one are asked `GET /kv_event_sources` (see --kv-event-discovery). Used by policies
+    /// that read the prefix cache (`kv_aware`); see docs/kv-events.md.
+    #[arg(long, value_name = "URL=ENDPOINT", value_delimiter = ',', value_parser = crate::kv::parse_source)]
+    pub kv_event_source: Vec<(String, String)>,
+
+    /// KV events: a worker's replay socket (vLLM's `replay_endpoint`), as
+    /// `WORKER_URL=tcp://HOST:PORT`; lost batches are re-read from it instead of
+    /// resetting that worker's index entries.
+    #[arg(long, value_name = "URL=ENDPOINT", value_delimiter = ',', value_parser = crate::kv::parse_source)]
+    pub kv_event_replay_source: Vec<(String, String)>,
+
+    /// KV events: tokens per KV block (vLLM's `--block-size`), used to cut prompts until
+    /// the first event reports the engines' own.
+    #[arg(long, default_value_t = 16)]
+    pub kv_event_block_size: u32,
+
+    /// KV events: ask workers without --kv-event-source for `GET /kv_event_sources` (vLLM
+    /// with --kv-events-config) once a policy that reads the prefix cache is loaded.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub kv_event_discovery: bool,
+
+    /// KV events: most blocks remembered per worker (≈ 100 bytes each; the oldest stored
+    /// are forgotten first past it). 262144 blocks = 4 Mi tokens at block size 16.
+    #[arg(long, default_value_t = crate::kv::index::DEFAULT_MAX_BLOCKS_PER_WORKER)]
+    pub kv_index_max_blocks: usize,
+
+    /// KV events: time allowed for a worker's `/tokenize` before `select`, ms; past it the
+    /// request is routed without a KV prefix match.
+    #[arg(long, default_value_t = 200)]
+    pub kv_tokenize_timeout_ms: u64,
 
     /// Scrape each worker's vLLM `/metrics` (num_requests_running/waiting, KV-cache use)
     /// every this many milliseconds and show it to policies as engine load (0 = off).

@@ -89,6 +89,9 @@ pub struct Forwarder {
     pub default_role: Role,
     /// `--record-trace`: decided request stages for `policy replay`.
     pub trace: Option<Arc<crate::trace::TraceRecorder>>,
+    /// KV events: the index and request-side tokenization for policies that read the
+    /// prefix cache.
+    pub kv: Option<Arc<crate::kv::KvEvents>>,
 }
 
 /// Who decides a request stage, among which workers.
@@ -123,6 +126,25 @@ pub fn set_request_id(headers: &mut HeaderMap, id: &str) {
 }
 
 impl Forwarder {
+    /// For a policy that reads the KV prefix cache: have the prompt tokenized (by the
+    /// least-loaded eligible worker of `role`) and cut into blocks before `select`.
+    /// Nothing for other policies.
+    pub async fn prepare_prefix(&self, req: &Arc<RequestInfo>, slot: &Arc<PolicySlot>, role: Role) {
+        let Some(kv) = &self.kv else { return };
+        if !slot.current().reads_prefix_cache() {
+            return;
+        }
+        kv.want();
+        let set = self.registry.snapshot();
+        let cands = policy::candidates(&set, role, &[], 0);
+        if cands.is_empty() {
+            return;
+        }
+        if let Some(w) = set.get(policy::fallback_choice(&cands)) {
+            kv.prepare(req, w).await;
+        }
+    }
+
     /// Choose a worker for one attempt of `req` (`exclude`: workers already tried).
     pub fn pick(
         &self,
@@ -351,6 +373,9 @@ impl Forwarder {
             slot: arm.as_ref(),
             shadows: true,
         };
+        if let Some(slot) = arm.as_ref() {
+            self.prepare_prefix(&req, slot, target.role).await;
+        }
         match self.drive(&req, &target, &req.body, &|_| None).await {
             Ok(sent) => {
                 let slot = arm.as_ref().map(|s| s.name.as_str()).unwrap_or("none");

@@ -39,7 +39,8 @@ fn tunables_of(
     name: &str,
 ) -> Option<fn(&crate::config::Args) -> serde_json::Map<String, serde_json::Value>> {
     match name {
-        "cache_aware" => Some(cache_aware_tunables),
+        // kv_aware falls back to cache_aware and takes its flags too.
+        "cache_aware" | "kv_aware" => Some(cache_aware_tunables),
         _ => None,
     }
 }

@@ -34,4 +34,10 @@ pub const BUILTIN_LIST: &[(&str, &str, &str, &str)] = &[
         "policy_cache_aware",
         "prefix-cache affinity on an approximate radix tree of the prompt, balanced by load",
     ),
+    (
+        "kv_aware",
+        "policy-kv-aware",
+        "policy_kv_aware",
+        "exact prefix-cache affinity from vLLM KV events, bounded by load; cache_aware without events",
+    ),
 ];

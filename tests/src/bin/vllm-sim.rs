@@ -15,6 +15,21 @@
 //! With `--prefill-us-per-token`, uncached tokens add simulated prefill time before the
 //! first token (reported as `x-sim-prefill-us`).
 //!
+//! Tokens: the rendered prompt is cut into 4-byte pieces, one token each (ids from the
+//! bytes); `POST /tokenize` answers vLLM's shape (`count`, `max_model_len`, `tokens`)
+//! for the same rendering, so a router tokenizing through it gets exactly the tokens the
+//! cache is keyed on. Blocks are `--block-chars / 4` tokens.
+//!
+//! KV events (`--kv-events`): every block entering the cache is published as a
+//! `BlockStored` (parent hash, token ids, block size) and every LRU eviction as a
+//! `BlockRemoved`, in vLLM's wire format — ZMQ PUB frames `[topic, seq (u64 BE),
+//! msgpack KVEventBatch]`, events in map form or (`--kv-events-form array`) array form,
+//! hashes as 32 bytes or (`--kv-int-hashes`) integers — with a replay ROUTER socket
+//! holding the last 10,000 batches, both listed by `GET /kv_event_sources`. Test hooks:
+//! `POST /sim/config {"kv_drop_batches": N}` withholds the next N batches from the PUB
+//! socket (replay still has them: a gap), `POST /sim/kv/restart` empties the cache and
+//! restarts the sequence at 0 (an engine restart).
+//!
 //! Test knobs: flags at start, `POST /sim/config` at run time (same names, JSON), and
 //! per request the header `x-sim-status: CODE` (answer with that status). Recent requests
 //! (path, headers, parsed body, and the raw body bytes as text) are listed by
@@ -112,6 +127,24 @@ struct Knobs {
     /// Heartbeat interval, ms.
     #[arg(long, default_value_t = 1000)]
     register_interval_ms: u64,
+    /// Publish vLLM KV-cache events (ZMQ PUB + replay ROUTER on free 127.0.0.1 ports,
+    /// listed at `GET /kv_event_sources`).
+    #[arg(long, default_value_t = false)]
+    #[serde(skip)]
+    kv_events: bool,
+    /// Event layout: `map` (newer vLLM) or `array` (older vLLM).
+    #[arg(long, default_value = "map")]
+    #[serde(skip)]
+    kv_events_form: String,
+    /// Send block hashes as integers (`VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1`) instead
+    /// of bytes.
+    #[arg(long, default_value_t = false)]
+    #[serde(skip)]
+    kv_int_hashes: bool,
+    /// Withhold this many upcoming event batches from the PUB socket (the replay socket
+    /// still serves them): simulates lost messages.
+    #[arg(long, default_value_t = 0)]
+    kv_drop_batches: u64,
     /// Keep the last 256 requests for `GET /sim/requests` (off for benchmarks).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     record: bool,
@@ -136,6 +169,10 @@ impl Default for Knobs {
             register: String::new(),
             zmq_address: String::new(),
             register_interval_ms: 1000,
+            kv_events: false,
+            kv_events_form: "map".into(),
+            kv_int_hashes: false,
+            kv_drop_batches: 0,
             record: true,
         }
     }
@@ -150,7 +187,21 @@ struct Recorded {
     raw: String,
 }
 
-/// LRU of block keys (chained hashes), with hit/query counters in tokens.
+/// The simulator's tokenizer: 4-byte pieces of the text, one token each.
+fn tokenize(text: &[u8]) -> Vec<u32> {
+    text.chunks(4)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..c.len()].copy_from_slice(c);
+            u32::from_le_bytes(b) & 0x7FFF_FFFF
+        })
+        .collect()
+}
+
+use vllm_router::kv::events::KvEvent;
+
+/// LRU of blocks keyed by a chained hash over their tokens (the "engine hash"), with
+/// hit/query counters in tokens; reports the KV events each access causes.
 #[derive(Default)]
 struct PrefixCache {
     stamp_of: HashMap<u64, u64>,
@@ -161,20 +212,33 @@ struct PrefixCache {
 }
 
 impl PrefixCache {
-    /// Look up and insert the blocks of `text`; returns (prompt tokens, cached tokens).
-    fn access(&mut self, text: &[u8], block_chars: usize, capacity: usize) -> (u64, u64) {
-        let tokens = text.len().div_ceil(4).max(1) as u64;
-        if capacity == 0 || block_chars == 0 {
+    /// Look up and insert the blocks of `text`; returns (prompt tokens, cached tokens)
+    /// and pushes the resulting `BlockStored` / `BlockRemoved` events onto `events`.
+    fn access(
+        &mut self,
+        text: &[u8],
+        block_chars: usize,
+        capacity: usize,
+        events: &mut Vec<KvEvent>,
+    ) -> (u64, u64) {
+        let toks = tokenize(text);
+        let tokens = (toks.len() as u64).max(1);
+        let bs = block_chars / 4;
+        if capacity == 0 || bs == 0 {
             self.query_tokens += tokens;
             return (tokens, 0);
         }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut parent: Option<u64> = None;
         let mut hit_blocks = 0u64;
         let mut leading = true;
-        for block in text.chunks_exact(block_chars) {
-            for b in block {
-                h ^= *b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        let mut removed = Vec::new();
+        for block in toks.chunks_exact(bs) {
+            for t in block {
+                for b in t.to_le_bytes() {
+                    h ^= b as u64;
+                    h = h.wrapping_mul(0x0000_0100_0000_01b3);
+                }
             }
             self.clock += 1;
             match self.stamp_of.insert(h, self.clock) {
@@ -184,25 +248,53 @@ impl PrefixCache {
                         hit_blocks += 1;
                     }
                 }
-                None => leading = false,
+                None => {
+                    leading = false;
+                    events.push(KvEvent::BlockStored {
+                        block_hashes: vec![h],
+                        parent,
+                        token_ids: block.to_vec(),
+                        block_size: bs as u32,
+                        lora_name: None,
+                        medium: Some("GPU".into()),
+                    });
+                }
             }
             self.by_stamp.insert(self.clock, h);
             while self.stamp_of.len() > capacity {
                 let (_, victim) = self.by_stamp.pop_first().expect("non-empty");
                 self.stamp_of.remove(&victim);
+                removed.push(victim);
             }
+            parent = Some(h);
         }
-        let cached = (hit_blocks * block_chars as u64 / 4).min(tokens);
+        if !removed.is_empty() {
+            events.push(KvEvent::BlockRemoved {
+                block_hashes: removed,
+                medium: Some("GPU".into()),
+            });
+        }
+        let cached = (hit_blocks * bs as u64).min(tokens);
         self.query_tokens += tokens;
         self.hits_tokens += cached;
         (tokens, cached)
     }
 }
 
+/// The KV-event publisher's side of the simulator.
+struct KvPub {
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<KvEvent>>,
+    endpoint: String,
+    replay: String,
+    /// Set by `POST /sim/kv/restart`: the publisher restarts its sequence at 0.
+    restart: std::sync::atomic::AtomicBool,
+}
+
 struct Sim {
     port: u16,
     knobs: Mutex<Knobs>,
     cache: Mutex<PrefixCache>,
+    kv: Option<KvPub>,
     recent: Mutex<VecDeque<Recorded>>,
     running: AtomicU64,
     served: AtomicU64,
@@ -394,10 +486,16 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
         &raw,
         &vllm_router_sdk::routing::FieldIndex::new(&raw),
     );
-    let (ptoks, cached) = s
-        .cache
-        .lock()
-        .access(text.as_bytes(), k.block_chars, k.cache_blocks);
+    let mut events = Vec::new();
+    let (ptoks, cached) = {
+        let mut c = s.cache.lock();
+        let r = c.access(text.as_bytes(), k.block_chars, k.cache_blocks, &mut events);
+        // Sent under the lock, so batches leave in cache order.
+        if let (Some(kv), false) = (&s.kv, events.is_empty()) {
+            let _ = kv.tx.send(events);
+        }
+        r
+    };
     let prefill_us = (ptoks - cached) * k.prefill_us_per_token;
     let ptoks = ptoks as u32;
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
@@ -536,6 +634,163 @@ async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     r
 }
 
+/// vLLM's `POST /tokenize`: the same rendering the cache uses, in vLLM's answer shape.
+async fn tokenize_route(raw: Bytes) -> Response {
+    if json_object(&raw).is_none() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        );
+    }
+    let text = vllm_router_sdk::routing::routing_text(
+        &raw,
+        &vllm_router_sdk::routing::FieldIndex::new(&raw),
+    );
+    let tokens = tokenize(text.as_bytes());
+    axum::Json(
+        json!({"count": tokens.len(), "max_model_len": 4096, "tokens": tokens, "token_strs": null}),
+    )
+    .into_response()
+}
+
+/// vLLM's `GET /kv_event_sources` (vLLM #55844): endpoints per data-parallel rank.
+async fn kv_sources(State(s): St) -> Response {
+    match &s.kv {
+        Some(kv) => {
+            axum::Json(json!({"0": {"endpoint": kv.endpoint, "replay_endpoint": kv.replay}}))
+                .into_response()
+        }
+        None => err(
+            StatusCode::NOT_FOUND,
+            "KV events are not enabled (--kv-events)",
+        ),
+    }
+}
+
+/// vLLM's `GET /get_server_info`, reduced to what routers read: the block size.
+async fn server_info(State(s): St) -> Response {
+    let k = s.knobs.lock().clone();
+    axum::Json(json!({"model": k.model, "cache_config": {"block_size": k.block_chars / 4}}))
+        .into_response()
+}
+
+/// `POST /sim/kv/restart`: an engine restart as the router sees it — empty cache,
+/// sequence back to 0.
+async fn kv_restart(State(s): St) -> Response {
+    *s.cache.lock() = PrefixCache::default();
+    if let Some(kv) = &s.kv {
+        kv.restart.store(true, Ordering::SeqCst);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Bind the PUB and replay sockets; returns their endpoints.
+async fn kv_sockets() -> anyhow::Result<(zeromq::PubSocket, zeromq::RouterSocket, String, String)> {
+    use zeromq::Socket;
+    let mut publ = zeromq::PubSocket::new();
+    let ep = publ.bind("tcp://127.0.0.1:0").await?.to_string();
+    let mut replay = zeromq::RouterSocket::new();
+    let rep = replay.bind("tcp://127.0.0.1:0").await?.to_string();
+    Ok((publ, replay, ep, rep))
+}
+
+/// Publish batches from `rx` with sequence numbers; serve replays.
+async fn kv_publisher(
+    sim: Arc<Sim>,
+    mut publ: zeromq::PubSocket,
+    mut replay: zeromq::RouterSocket,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<KvEvent>>,
+    form: vllm_router::kv::events::encode::Form,
+    kind: vllm_router::kv::events::encode::HashKind,
+) {
+    use zeromq::{SocketRecv, SocketSend, ZmqMessage};
+    let buffer: Arc<Mutex<VecDeque<(u64, Bytes)>>> = Arc::default();
+    {
+        let buffer = buffer.clone();
+        tokio::spawn(async move {
+            while let Ok(m) = replay.recv().await {
+                let frames = m.into_vec();
+                // [identity, "", start_seq]
+                let (Some(id), Some(start)) = (frames.first(), frames.last()) else {
+                    continue;
+                };
+                let Ok(start) = <[u8; 8]>::try_from(&start[..]) else {
+                    continue;
+                };
+                let start = u64::from_be_bytes(start);
+                let items: Vec<(u64, Bytes)> = buffer
+                    .lock()
+                    .iter()
+                    .filter(|(s, _)| *s >= start)
+                    .cloned()
+                    .collect();
+                for (seq, payload) in items {
+                    let msg = ZmqMessage::try_from(vec![
+                        id.clone(),
+                        Bytes::new(),
+                        Bytes::copy_from_slice(&seq.to_be_bytes()),
+                        payload,
+                    ])
+                    .unwrap();
+                    if replay.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+                let end = ZmqMessage::try_from(vec![
+                    id.clone(),
+                    Bytes::new(),
+                    Bytes::copy_from_slice(&(-1i64).to_be_bytes()),
+                    Bytes::new(),
+                ])
+                .unwrap();
+                let _ = replay.send(end).await;
+            }
+        });
+    }
+    let mut seq: u64 = 0;
+    while let Some(events) = rx.recv().await {
+        if let Some(kv) = &sim.kv {
+            if kv.restart.swap(false, Ordering::SeqCst) {
+                seq = 0;
+                buffer.lock().clear();
+            }
+        }
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let payload = Bytes::from(vllm_router::kv::events::encode::batch(
+            ts, &events, 0, form, kind,
+        ));
+        {
+            let mut b = buffer.lock();
+            b.push_back((seq, payload.clone()));
+            if b.len() > 10_000 {
+                b.pop_front();
+            }
+        }
+        let drop = {
+            let mut k = sim.knobs.lock();
+            if k.kv_drop_batches > 0 {
+                k.kv_drop_batches -= 1;
+                true
+            } else {
+                false
+            }
+        };
+        if !drop {
+            let msg = ZmqMessage::try_from(vec![
+                Bytes::new(),
+                Bytes::copy_from_slice(&seq.to_be_bytes()),
+                payload,
+            ])
+            .unwrap();
+            let _ = publ.send(msg).await;
+        }
+        seq += 1;
+    }
+}
+
 /// P2P NCCL discovery heartbeats while `register` is set (re-read every interval, so
 /// `POST /sim/config {"register": ""}` makes the instance go silent).
 async fn heartbeats(sim: Arc<Sim>) {
@@ -584,10 +839,37 @@ async fn main() -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port)).await?;
     let port = listener.local_addr()?.port();
+    let (kv, kv_task) = if args.knobs.kv_events {
+        let (publ, replay, endpoint, replay_ep) = kv_sockets().await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        use vllm_router::kv::events::encode::{Form, HashKind};
+        let form = if args.knobs.kv_events_form == "array" {
+            Form::Array
+        } else {
+            Form::Map
+        };
+        let kind = if args.knobs.kv_int_hashes {
+            HashKind::Int
+        } else {
+            HashKind::Bytes
+        };
+        (
+            Some(KvPub {
+                tx,
+                endpoint,
+                replay: replay_ep,
+                restart: Default::default(),
+            }),
+            Some((publ, replay, rx, form, kind)),
+        )
+    } else {
+        (None, None)
+    };
     let sim = Arc::new(Sim {
         port,
         knobs: Mutex::new(args.knobs.clone()),
         cache: Mutex::new(PrefixCache::default()),
+        kv,
         recent: Mutex::new(VecDeque::new()),
         running: AtomicU64::new(0),
         served: AtomicU64::new(0),
@@ -600,9 +882,16 @@ async fn main() -> anyhow::Result<()> {
         .route("/sim/config", post(set_config))
         .route("/sim/requests", get(recent).delete(clear_recent))
         .route("/v1/embeddings", post(embeddings))
+        .route("/tokenize", post(tokenize_route))
+        .route("/kv_event_sources", get(kv_sources))
+        .route("/get_server_info", get(server_info))
+        .route("/sim/kv/restart", post(kv_restart))
         .fallback(generate)
         .with_state(sim.clone());
     tokio::spawn(heartbeats(sim.clone()));
+    if let Some((publ, replay, rx, form, kind)) = kv_task {
+        tokio::spawn(kv_publisher(sim.clone(), publ, replay, rx, form, kind));
+    }
     println!("LISTENING {port}");
     use std::io::Write;
     std::io::stdout().flush()?;

@@ -13,7 +13,7 @@ cd "$(dirname "$0")"
 secs="${1:-60}"; shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(request_body pd_body_rewrite zmq_heartbeat vllm_metrics client_keys_file)
+  targets=(request_body pd_body_rewrite zmq_heartbeat vllm_metrics client_keys_file kv_events)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 tc=()

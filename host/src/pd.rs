@@ -158,6 +158,10 @@ pub async fn serve(
     let started = Instant::now();
     let fail =
         |e: ApiError, slot: &str, id: &str| fwd.error_response(&req, Some(slot), e, started, id);
+    // Policies that read the KV prefix cache get the prompt's blocks first (one
+    // tokenization serves both stages).
+    fwd.prepare_prefix(&req, &pd.decode, Role::Decode).await;
+    fwd.prepare_prefix(&req, &pd.prefill, Role::Prefill).await;
     // Decode first: its address goes into the id the prefill must see.
     let dtarget = Target {
         role: Role::Decode,

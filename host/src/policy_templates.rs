@@ -40,10 +40,17 @@ enum Lang {
 }
 
 /// (path in the project, contents) of files every project gets.
-const WIT: &[(&str, &str)] = &[(
-    "vllm-router/wit/policy.wit",
-    include_str!("../../wit/policy.wit"),
-)];
+const WIT: &[(&str, &str)] = &[
+    (
+        "vllm-router/wit/policy.wit",
+        include_str!("../../wit/policy.wit"),
+    ),
+    // The optional KV capability (the Rust SDK's bindings cover both packages).
+    (
+        "vllm-router/wit/kv/prefix-cache.wit",
+        include_str!("../../wit/kv/prefix-cache.wit"),
+    ),
+];
 
 const ADAPTER: &[(&str, &str)] = &[(
     "vllm-router/adapter/adapter.wat",
@@ -339,6 +346,7 @@ mod tests {
             .unwrap();
             let root = dir.join(&name);
             assert!(root.join("vllm-router/wit/policy.wit").is_file());
+            assert!(root.join("vllm-router/wit/kv/prefix-cache.wit").is_file());
             assert!(root.join(sdk).is_file(), "{lang:?}: {sdk}");
             let build = std::fs::read_to_string(root.join("build.sh")).unwrap();
             assert!(build.contains(&format!("{name}.wasm")), "{lang:?}");

@@ -267,6 +267,14 @@ fn stop_engines(engines: &mut [Engine], grace: Duration) {
 /// Run `serve` to the end. Returns an error (non-zero exit) when an engine failed to
 /// start or died while serving.
 pub async fn run(plan: ServePlan) -> anyhow::Result<()> {
+    // The router's worker TLS options before the first worker client (the engine probes):
+    // the configuration is process-wide and set once.
+    crate::tls::set_worker_tls(&crate::tls::WorkerTls {
+        ca_file: plan.router.worker_ca_file.clone(),
+        client_cert: plan.router.worker_client_cert_file.clone(),
+        client_key: plan.router.worker_client_key_file.clone(),
+    })
+    .map_err(|e| anyhow::anyhow!("worker TLS: {e}"))?;
     let mut engines = Vec::new();
     for i in 0..plan.engines {
         match spawn_engine(&plan, i) {

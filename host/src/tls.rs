@@ -127,7 +127,7 @@ impl ReloadingCert {
 }
 
 /// How the router talks TLS to `https://` workers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerTls {
     /// `--worker-ca-file`: extra trusted CA certificates (PEM), added to the system roots.
     pub ca_file: Option<PathBuf>,
@@ -137,32 +137,40 @@ pub struct WorkerTls {
     pub client_key: Option<PathBuf>,
 }
 
-static WORKER_TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+/// The worker client configuration, with the options it was built from.
+static WORKER_TLS: OnceLock<(WorkerTls, Arc<rustls::ClientConfig>)> = OnceLock::new();
 
 /// Build the worker client configuration and make it the one every worker client
-/// uses (call once at startup, before any client is built). Errors: unreadable or
-/// invalid files, a certificate without its key.
+/// uses. Call before any worker client is built; calling again with the same options is
+/// a no-op. Errors: unreadable or invalid files, a certificate without its key, or
+/// options different from those already in use (a client built earlier with other
+/// options would silently ignore the new ones).
 pub fn set_worker_tls(opts: &WorkerTls) -> Result<(), String> {
+    if let Some((current, _)) = WORKER_TLS.get() {
+        return if current == opts {
+            Ok(())
+        } else {
+            Err("worker TLS was already configured with other options (set it before building any worker client)".into())
+        };
+    }
     let cfg = worker_client_config(opts)?;
-    let _ = WORKER_TLS.set(cfg);
-    Ok(())
+    match WORKER_TLS.set((opts.clone(), cfg)) {
+        Ok(()) => Ok(()),
+        // Set concurrently: same rule.
+        Err(_) => set_worker_tls(opts),
+    }
 }
 
 /// The worker TLS configuration: the one set at startup, else system roots only.
 pub fn worker_client_tls() -> Arc<rustls::ClientConfig> {
     WORKER_TLS
         .get_or_init(|| {
-            worker_client_config(&WorkerTls::default()).unwrap_or_else(|e| {
-                tracing::warn!("worker TLS: {e}; https:// workers cannot be verified");
-                Arc::new(
-                    rustls::ClientConfig::builder_with_provider(provider())
-                        .with_safe_default_protocol_versions()
-                        .expect("ring supports the default versions")
-                        .with_root_certificates(rustls::RootCertStore::empty())
-                        .with_no_client_auth(),
-                )
-            })
+            let opts = WorkerTls::default();
+            // Reads no file, so it cannot fail (unreadable system roots are skipped).
+            let cfg = worker_client_config(&opts).expect("default worker TLS configuration");
+            (opts, cfg)
         })
+        .1
         .clone()
 }
 
@@ -212,4 +220,23 @@ pub fn worker_connector(
         .https_or_http()
         .enable_http1()
         .wrap_connector(http)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_tls_is_set_once_and_a_different_second_setting_is_refused() {
+        // Whatever ran first in this process, the configuration in use is now fixed.
+        let _ = worker_client_tls();
+        let current = WORKER_TLS.get().unwrap().0.clone();
+        assert_eq!(set_worker_tls(&current), Ok(()), "same options: a no-op");
+        let other = WorkerTls {
+            ca_file: Some(PathBuf::from("/nonexistent/ca.pem")),
+            ..current.clone()
+        };
+        let err = set_worker_tls(&other).unwrap_err();
+        assert!(err.contains("already configured"), "{err}");
+    }
 }

@@ -635,7 +635,7 @@ async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
 }
 
 /// vLLM's `POST /tokenize`: the same rendering the cache uses, in vLLM's answer shape.
-async fn tokenize_route(raw: Bytes) -> Response {
+async fn tokenize_route(State(s): St, raw: Bytes) -> Response {
     if json_object(&raw).is_none() {
         return err(
             StatusCode::BAD_REQUEST,
@@ -647,10 +647,15 @@ async fn tokenize_route(raw: Bytes) -> Response {
         &vllm_router_sdk::routing::FieldIndex::new(&raw),
     );
     let tokens = tokenize(text.as_bytes());
-    axum::Json(
+    let mut r = axum::Json(
         json!({"count": tokens.len(), "max_model_len": 4096, "tokens": tokens, "token_strs": null}),
     )
-    .into_response()
+    .into_response();
+    let worker = s.knobs.lock().worker_id.clone();
+    if let Ok(v) = worker.parse() {
+        r.headers_mut().insert("x-vllm-sim-worker", v);
+    }
+    r
 }
 
 /// vLLM's `GET /kv_event_sources` (vLLM #55844): endpoints per data-parallel rank.

@@ -45,7 +45,7 @@ OUT = ROOT / "target" / "bench"
 VENV = ROOT / "target" / "bench-venv"
 WORKERS = 4
 CACHE_BLOCKS = 400          # per worker, 16-token blocks: ~6,400 tokens (eviction pressure)
-PREFILL_US_PER_TOKEN = 30   # simulated prefill cost of an uncached token
+PREFILL_US_PER_TOKEN = 200  # simulated prefill cost of an uncached token (makes TTFT follow the hit rate)
 CONCURRENCY = 8
 
 
@@ -171,15 +171,16 @@ def workload(n, seed=7):
         turns = []
         for t in range(5):
             msgs = msgs + [{"role": "user", "content": f"conversation {c} turn {t}: " + text(rng, 300)}]
-            turns.append({"model": "sim-model", "messages": list(msgs), "max_tokens": 4, "stream": True})
+            turns.append({"model": "sim-model", "messages": list(msgs), "max_tokens": 4, "stream": True,
+                          "user": "chat"})
             msgs = msgs + [{"role": "assistant", "content": text(rng, 200)}]
         streams.append(turns)
     for _ in range(int(n * 0.45)):
         tpl = rng.choice(templates)
-        streams.append([{"model": "sim-model", "max_tokens": 4, "stream": True,
+        streams.append([{"model": "sim-model", "max_tokens": 4, "stream": True, "user": "template",
                          "messages": [{"role": "user", "content": tpl + "\nQuestion: " + text(rng, 150)}]}])
     for _ in range(n - chat_turns - int(n * 0.45)):
-        streams.append([{"model": "sim-model", "max_tokens": 4, "stream": True,
+        streams.append([{"model": "sim-model", "max_tokens": 4, "stream": True, "user": "oneoff",
                          "messages": [{"role": "user", "content": text(rng, 1200)}]}])
     rng.shuffle(streams)
     return streams
@@ -205,7 +206,7 @@ async def drive(router_urls, streams):
                         ttft = time.perf_counter() - t0
                 h = r.headers
                 results.append({
-                    "status": r.status_code, "worker": h.get("x-vllm-sim-worker", "?"),
+                    "kind": body.get("user", "?"), "status": r.status_code, "worker": h.get("x-vllm-sim-worker", "?"),
                     "cached": int(h.get("x-sim-cached-tokens", 0)), "prompt": int(h.get("x-sim-prompt-tokens", 0)),
                     "ttft": ttft if ttft is not None else time.perf_counter() - t0})
 
@@ -233,8 +234,12 @@ def summarise(results):
     counts = [per.get(f"w{i}", 0) for i in range(WORKERS)]
     tt = sorted(r["ttft"] * 1000 for r in ok)
     q = lambda p: tt[min(len(tt) - 1, int(p * len(tt)))] if tt else float("nan")
+    by_kind = {}
+    for k in sorted({r["kind"] for r in ok}):
+        rs = [r for r in ok if r["kind"] == k]
+        by_kind[k] = round(sum(r["cached"] for r in rs) / max(1, sum(r["prompt"] for r in rs)), 3)
     return {
-        "requests": len(results), "errors": len(results) - len(ok),
+        "requests": len(results), "errors": len(results) - len(ok), "hit_rate_by_kind": by_kind,
         "hit_rate": sum(r["cached"] for r in ok) / max(1, sum(r["prompt"] for r in ok)),
         "max_min": max(counts) / max(1, min(counts)), "per_worker": counts,
         "ttft_p50_ms": q(0.5), "ttft_p90_ms": q(0.9),
@@ -319,7 +324,7 @@ def main():
             row = {"router": system, "policy": policy, "replicas": replicas, **s}
             rows.append(row)
             log(f"   hit {s['hit_rate']:.3f}  max/min {s['max_min']:.2f}  TTFT p50 {s['ttft_p50_ms']:.1f} ms"
-                f"  p90 {s['ttft_p90_ms']:.1f} ms  errors {s['errors']}  per worker {s['per_worker']}")
+                f"  p90 {s['ttft_p90_ms']:.1f} ms  errors {s['errors']}  per worker {s['per_worker']}  by kind {s['hit_rate_by_kind']}")
     OUT.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "workers": WORKERS, "cache_blocks_per_worker": CACHE_BLOCKS,
             "prefill_us_per_token": PREFILL_US_PER_TOKEN, "concurrency": CONCURRENCY, "requests": total,

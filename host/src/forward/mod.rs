@@ -181,6 +181,12 @@ impl Forwarder {
             &self.metrics,
             &self.feedback,
         )?;
+        // A KV policy's prompt: count its blocks as held by the chosen worker until the
+        // engine's own events arrive (requests sharing the prefix meanwhile see it).
+        if let Some(p) = req.kv.get() {
+            p.index
+                .speculate(choice.worker.id, &p.keys, std::time::Instant::now());
+        }
         if let (Some(t), true) = (&self.trace, exclude.is_empty()) {
             let stage = match target.stage {
                 Stage::Regular => "regular",

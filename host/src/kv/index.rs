@@ -19,6 +19,13 @@
 use parking_lot::RwLock;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hasher;
+use std::time::{Duration, Instant};
+
+/// How long a routed prompt's blocks count as held before the engine confirms them
+/// (vllm-project/router's design note uses the same 2 s for its speculative insert).
+pub const SPECULATION_TTL: Duration = Duration::from_secs(2);
+/// Most speculative entries kept (oldest dropped first).
+const MAX_PENDING: usize = 1 << 20;
 
 use super::events::KvEvent;
 
@@ -112,6 +119,12 @@ struct Inner {
     /// Block key → (worker id, how many of its engine hashes map to this key).
     holders: HashMap<u64, Vec<(u32, u32)>>,
     sources: HashMap<u32, Source>,
+    /// Speculative holders: blocks of prompts just routed to a worker, counted as held
+    /// until `expiry` (the engine's `BlockStored` arrives only once it has prefilled
+    /// them; until then a burst of requests sharing a prefix would see no holder).
+    pending: HashMap<u64, Vec<(u32, Instant)>>,
+    /// (expiry, key) in insertion order, for pruning.
+    pending_order: VecDeque<(Instant, u64)>,
 }
 
 impl Inner {
@@ -364,11 +377,45 @@ impl KvIndex {
         out
     }
 
-    /// Match a prompt's block keys (from [`prompt_keys`]) against `candidates` (worker
-    /// ids): pushes one word per candidate onto `out` — the leading blocks it holds in
-    /// bits 0..32, its [`SourceState::code`] in bits 32..34 — the
-    /// `vllm:router-kv/prefix-cache` wire form.
+    /// A prompt with block `keys` was just routed to `worker`: count its blocks as held
+    /// there until `now + SPECULATION_TTL` (or until the engine's events say so).
+    pub fn speculate(&self, worker: u32, keys: &[u64], now: Instant) {
+        let expiry = now + SPECULATION_TTL;
+        let mut g = self.inner.write();
+        // Prune what expired (and the overflow), oldest first.
+        while let Some(&(t, k)) = g.pending_order.front() {
+            if t > now && g.pending_order.len() < MAX_PENDING {
+                break;
+            }
+            g.pending_order.pop_front();
+            if let Some(v) = g.pending.get_mut(&k) {
+                v.retain(|(_, e)| *e > now && *e != t);
+                if v.is_empty() {
+                    g.pending.remove(&k);
+                }
+            }
+        }
+        for k in keys {
+            let v = g.pending.entry(*k).or_default();
+            match v.iter_mut().find(|(w, _)| *w == worker) {
+                Some(e) => e.1 = expiry,
+                None => v.push((worker, expiry)),
+            }
+            g.pending_order.push_back((expiry, *k));
+        }
+    }
+
+    /// [`KvIndex::match_prefix_at`] now.
     pub fn match_prefix(&self, keys: &[u64], candidates: &[u32], out: &mut Vec<u64>) {
+        self.match_prefix_at(keys, candidates, out, Instant::now())
+    }
+
+    /// Match a prompt's block keys (from [`prompt_keys`]) against `candidates` (worker
+    /// ids) at time `now`: pushes one word per candidate onto `out` — the leading
+    /// blocks it holds (from its events, or speculatively from a prompt routed there
+    /// in the last [`SPECULATION_TTL`]) in bits 0..32, its [`SourceState::code`] in bits
+    /// 32..34 — the `vllm:router-kv/prefix-cache` wire form.
+    pub fn match_prefix_at(&self, keys: &[u64], candidates: &[u32], out: &mut Vec<u64>, now: Instant) {
         let g = self.inner.read();
         let start = out.len();
         // Per candidate: (hits so far, still matching).
@@ -388,9 +435,12 @@ impl KvIndex {
                 break;
             }
             let holders = g.holders.get(k).map(Vec::as_slice).unwrap_or(&[]);
+            let pending = g.pending.get(k).map(Vec::as_slice).unwrap_or(&[]);
             for (i, w) in candidates.iter().enumerate() {
                 if run[i].1 {
-                    if holders.iter().any(|(h, _)| h == w) {
+                    if holders.iter().any(|(h, _)| h == w)
+                        || pending.iter().any(|(h, e)| h == w && *e > now)
+                    {
                         run[i].0 += 1;
                     } else {
                         run[i].1 = false;
@@ -514,6 +564,30 @@ mod tests {
         ix.remove_source(1);
         assert_eq!(ix.blocks(), 0);
         assert!(!ix.has_sources());
+    }
+
+    #[test]
+    fn a_routed_prompt_counts_as_held_until_its_speculation_expires() {
+        let ix = KvIndex::new(10, 4);
+        ix.set_state(1, SourceState::Exact);
+        ix.set_state(2, SourceState::Exact);
+        let toks: Vec<u32> = (0..8).collect();
+        let keys = prompt_keys(&toks, 4);
+        let t0 = Instant::now();
+        ix.speculate(2, &keys, t0);
+        let at = |t: Instant| {
+            let mut out = Vec::new();
+            ix.match_prefix_at(&keys, &[1, 2], &mut out, t);
+            out.iter().map(|w| *w as u32).collect::<Vec<_>>()
+        };
+        assert_eq!(at(t0 + Duration::from_millis(100)), vec![0, 2]);
+        assert_eq!(at(t0 + SPECULATION_TTL + Duration::from_millis(1)), vec![0, 0]);
+        // The engine's event makes it real: no expiry any more.
+        ix.apply(2, &[stored(&[7, 8], None, &toks)]);
+        assert_eq!(at(t0 + SPECULATION_TTL * 10), vec![0, 2]);
+        // Expired entries are pruned on the next speculation.
+        ix.speculate(1, &keys[..1], t0 + SPECULATION_TTL * 10);
+        assert_eq!(ix.inner.read().pending_order.len(), 1);
     }
 
     #[test]

@@ -158,6 +158,55 @@ impl CacheAware {
         }
     }
 
+    /// For each candidate (same order), whether it may take a request with routing text
+    /// `text` on cache affinity without breaking the fair share: `true` when the text
+    /// *extends* what the tree saw sent there (a later turn of a conversation: moving it
+    /// would cost its whole prefill) or when the worker's share of the last
+    /// `balance_window` decisions is within `ceil((affinity_load_factor − 1) × mean)` of
+    /// the least-used candidate's (see the module docs). For policies that know *what* is
+    /// cached by other means (`kv_aware`) but want the same balance.
+    pub fn affinity_allowed(&mut self, text: &str, candidates: &[Candidate]) -> Vec<bool> {
+        let mean = (self.recent.len() + 1) as f64 / candidates.len().max(1) as f64;
+        let slack = ((self.cfg.affinity_load_factor - 1.0) * mean).ceil() as u32;
+        let recent: Vec<u32> = candidates
+            .iter()
+            .map(|c| self.tenant(c.id).map(|t| self.recent_of(t)).unwrap_or(0))
+            .collect();
+        let bound = recent.iter().copied().min().unwrap_or(0) + slack;
+        let mut extends = vec![false; candidates.len()];
+        if !text.is_empty() {
+            let mut cand = std::mem::take(&mut self.scratch_cand);
+            cand.clear();
+            cand.resize(self.tenant_keys.len(), u32::MAX);
+            for (i, c) in candidates.iter().enumerate() {
+                if let Some(t) = self.tenant(c.id) {
+                    cand[t as usize] = i as u32;
+                }
+            }
+            let mut m = std::mem::take(&mut self.scratch_match);
+            m.clear();
+            self.tree.match_prefix(
+                text.as_bytes(),
+                |t| cand.get(t as usize).is_some_and(|&i| i != u32::MAX),
+                &mut m,
+            );
+            for (t, tm) in m.iter().enumerate() {
+                if let Some(&ci) = cand.get(t) {
+                    if ci != u32::MAX && tm.continuation && tm.matched < text.len() && tm.matched > 0 {
+                        extends[ci as usize] = true;
+                    }
+                }
+            }
+            self.scratch_cand = cand;
+            self.scratch_match = m;
+        }
+        recent
+            .iter()
+            .zip(extends)
+            .map(|(r, e)| e || *r <= bound)
+            .collect()
+    }
+
     /// The tree (for inspection in tests and benches).
     pub fn tree(&self) -> &RadixTree {
         &self.tree

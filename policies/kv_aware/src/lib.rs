@@ -15,6 +15,13 @@
 //!    `cost = uncached blocks + load_weight × load` wins (the cost model of NVIDIA
 //!    Dynamo's KV router and vllm-project/router's `kv_aware`: prefill work the worker
 //!    would redo, plus the queue it would wait behind); exact ties go at random.
+//!    A worker beyond its **fair share** of recent decisions (cache_aware's rule:
+//!    more than `ceil((affinity_load_factor − 1) × mean)` above the least-used
+//!    candidate) gets no credit for its cached blocks unless the request continues a
+//!    conversation the tree saw sent there: a popular template spreads to a few
+//!    holders instead of one, while chats keep their worker.
+//!    When no allowed candidate holds any block of the prompt, the events say nothing
+//!    and step 1 decides (its placement of new prefixes balances better than a tie).
 //! 3. The choice is also recorded in the `cache_aware` tree, so a fall back to step 1
 //!    starts warm.
 //!
@@ -35,11 +42,15 @@ pub struct KvAware {
 
 impl KvAware {
     /// The KV-event decision; `None` when the events say nothing (use the fallback).
-    fn decide(&self, req: &dyn Request, candidates: &[Candidate]) -> Option<usize> {
+    fn decide(&mut self, req: &dyn Request, text: &str, candidates: &[Candidate]) -> Option<usize> {
         let m = kv::cached_prefix(req, candidates);
         if m.total_blocks == 0 || !m.candidates.iter().any(|c| c.source == SourceState::Exact) {
             return None;
         }
+        // Balance over time as cache_aware keeps it: a worker beyond its fair share of
+        // recent decisions takes a request on affinity only when the request continues
+        // a conversation it holds.
+        let fair = self.fallback.affinity_allowed(text, candidates);
         let n = candidates.len() as f64;
         let total: u64 = candidates.iter().map(Candidate::load).sum();
         let cap = (self.load_factor * (total + 1) as f64 / n).ceil().max(1.0) as u64;
@@ -51,7 +62,12 @@ impl KvAware {
                 if pass == 0 && c.load() + 1 > cap {
                     continue;
                 }
-                let cached = m.candidates[i].blocks.min(m.total_blocks);
+                // Cached blocks count only where affinity is allowed.
+                let cached = if fair[i] {
+                    m.candidates[i].blocks.min(m.total_blocks)
+                } else {
+                    0
+                };
                 let cost = (m.total_blocks - cached) as f64 + self.load_weight * c.load() as f64;
                 match best {
                     Some((b, _)) if cost > b => {}
@@ -71,7 +87,12 @@ impl KvAware {
                 break;
             }
         }
-        best.map(|(_, i)| i)
+        let (_, i) = best?;
+        // No allowed candidate holds any of the prompt: the events add nothing, and
+        // cache_aware's placement (least loaded, then the smallest recent share, then
+        // the least cached text) spreads new prefixes better than a random tie.
+        let credited = fair[i] && m.candidates[i].blocks > 0;
+        credited.then_some(i)
     }
 }
 
@@ -114,10 +135,11 @@ impl Policy for KvAware {
     }
 
     fn select(&mut self, req: &dyn Request, candidates: &[Candidate]) -> Decision {
-        match self.decide(req, candidates) {
+        let text = req.routing_text();
+        match self.decide(req, &text, candidates) {
             Some(i) => {
                 let id = candidates[i].id;
-                self.fallback.observe(&req.routing_text(), id);
+                self.fallback.observe(&text, id);
                 Decision::Worker(id)
             }
             None => self.fallback.select(req, candidates),

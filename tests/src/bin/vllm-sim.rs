@@ -20,6 +20,9 @@
 //! for the same rendering, so a router tokenizing through it gets exactly the tokens the
 //! cache is keyed on. Blocks are `--block-chars / 4` tokens.
 //!
+//! `POST /v1/chat/completions/render` and `/v1/completions/render` answer the token ids
+//! (`token_ids`) without generating or caching.
+//!
 //! KV events (`--kv-events`): every block entering the cache is published as a
 //! `BlockStored` (parent hash, token ids, block size) and every LRU eviction as a
 //! `BlockRemoved`, in vLLM's wire format — ZMQ PUB frames `[topic, seq (u64 BE),
@@ -658,6 +661,26 @@ async fn tokenize_route(State(s): St, raw: Bytes) -> Response {
     r
 }
 
+/// vLLM's render endpoints (`/v1/chat/completions/render`, `/v1/completions/render`):
+/// the prompt's token ids without generating (vllm-project/router tokenizes through
+/// them). Nothing is cached.
+async fn render_route(State(s): St, raw: Bytes) -> Response {
+    if json_object(&raw).is_none() {
+        return err(
+            StatusCode::BAD_REQUEST,
+            "request body must be a JSON object",
+        );
+    }
+    let text = vllm_router_sdk::routing::routing_text(
+        &raw,
+        &vllm_router_sdk::routing::FieldIndex::new(&raw),
+    );
+    let tokens = tokenize(text.as_bytes());
+    let model = s.knobs.lock().model.clone();
+    axum::Json(json!({"model": model, "token_ids": tokens, "prompt_token_ids": tokens, "sampling_params": {}}))
+        .into_response()
+}
+
 /// vLLM's `GET /kv_event_sources` (vLLM #55844): endpoints per data-parallel rank.
 async fn kv_sources(State(s): St) -> Response {
     match &s.kv {
@@ -888,6 +911,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/sim/requests", get(recent).delete(clear_recent))
         .route("/v1/embeddings", post(embeddings))
         .route("/tokenize", post(tokenize_route))
+        .route("/v1/chat/completions/render", post(render_route))
+        .route("/v1/completions/render", post(render_route))
         .route("/kv_event_sources", get(kv_sources))
         .route("/get_server_info", get(server_info))
         .route("/sim/kv/restart", post(kv_restart))

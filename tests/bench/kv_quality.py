@@ -253,13 +253,24 @@ def run_config(system, policy, replicas, streams):
         for _, u in sims:
             wait_ready(u)
         urls = []
-        for _ in range(replicas):
-            port = free_port()
-            routers.append(spawn(router_cmd(system, policy, port, sims)))
-            urls.append(f"http://127.0.0.1:{port}")
-        for u in urls:
-            if not wait_ready(u, 60):
+        for k in range(replicas):
+            # Free ports are picked then released: retry with fresh ones on a clash.
+            for attempt in range(3):
+                port = free_port()
+                logf = OUT / f"kv-router-{system}-{policy}-{k}.log"
+                OUT.mkdir(parents=True, exist_ok=True)
+                with open(logf, "w") as lf:
+                    p = subprocess.Popen(router_cmd(system, policy, port, sims), stdout=lf, stderr=lf,
+                                         start_new_session=True)
+                if wait_ready(f"http://127.0.0.1:{port}", 60):
+                    break
+                stop(p)
+                last = (logf.read_text().strip().splitlines() or ["(no output)"])[-1]
+                log(f"   replica {k} did not start (attempt {attempt + 1}): {last[:200]}")
+            else:
                 raise RuntimeError(f"{system} {policy} did not start")
+            routers.append(p)
+            urls.append(f"http://127.0.0.1:{port}")
         if policy == "kv_aware":
             time.sleep(1.0)  # let subscriptions connect
         results = asyncio.run(drive(urls, streams))

@@ -415,7 +415,13 @@ impl KvIndex {
     /// blocks it holds (from its events, or speculatively from a prompt routed there
     /// in the last [`SPECULATION_TTL`]) in bits 0..32, its [`SourceState::code`] in bits
     /// 32..34 — the `vllm:router-kv/prefix-cache` wire form.
-    pub fn match_prefix_at(&self, keys: &[u64], candidates: &[u32], out: &mut Vec<u64>, now: Instant) {
+    pub fn match_prefix_at(
+        &self,
+        keys: &[u64],
+        candidates: &[u32],
+        out: &mut Vec<u64>,
+        now: Instant,
+    ) {
         let g = self.inner.read();
         let start = out.len();
         // Per candidate: (hits so far, still matching).
@@ -581,7 +587,10 @@ mod tests {
             out.iter().map(|w| *w as u32).collect::<Vec<_>>()
         };
         assert_eq!(at(t0 + Duration::from_millis(100)), vec![0, 2]);
-        assert_eq!(at(t0 + SPECULATION_TTL + Duration::from_millis(1)), vec![0, 0]);
+        assert_eq!(
+            at(t0 + SPECULATION_TTL + Duration::from_millis(1)),
+            vec![0, 0]
+        );
         // The engine's event makes it real: no expiry any more.
         ix.apply(2, &[stored(&[7, 8], None, &toks)]);
         assert_eq!(at(t0 + SPECULATION_TTL * 10), vec![0, 2]);

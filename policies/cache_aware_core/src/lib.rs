@@ -175,24 +175,14 @@ impl CacheAware {
         let bound = recent.iter().copied().min().unwrap_or(0) + slack;
         let mut extends = vec![false; candidates.len()];
         if !text.is_empty() {
-            let mut cand = std::mem::take(&mut self.scratch_cand);
-            cand.clear();
-            cand.resize(self.tenant_keys.len(), u32::MAX);
-            for (i, c) in candidates.iter().enumerate() {
-                if let Some(t) = self.tenant(c.id) {
-                    cand[t as usize] = i as u32;
-                }
-            }
-            let mut m = std::mem::take(&mut self.scratch_match);
-            m.clear();
-            self.tree.match_prefix(
-                text.as_bytes(),
-                |t| cand.get(t as usize).is_some_and(|&i| i != u32::MAX),
-                &mut m,
-            );
+            let (cand, m) = self.match_candidates(text, candidates);
             for (t, tm) in m.iter().enumerate() {
                 if let Some(&ci) = cand.get(t) {
-                    if ci != u32::MAX && tm.continuation && tm.matched < text.len() && tm.matched > 0 {
+                    if ci != u32::MAX
+                        && tm.continuation
+                        && tm.matched < text.len()
+                        && tm.matched > 0
+                    {
                         extends[ci as usize] = true;
                     }
                 }
@@ -205,6 +195,33 @@ impl CacheAware {
             .zip(extends)
             .map(|(r, e)| e || *r <= bound)
             .collect()
+    }
+
+    /// Match `text` against the tree for `candidates`: per tenant, the candidate index it
+    /// maps to (`u32::MAX` = not a candidate) and its [`TenantMatch`]. Uses the scratch
+    /// buffers; give them back (`self.scratch_cand`, `self.scratch_match`) after use so
+    /// a decision allocates nothing.
+    fn match_candidates(
+        &mut self,
+        text: &str,
+        candidates: &[Candidate],
+    ) -> (Vec<u32>, Vec<TenantMatch>) {
+        let mut cand = std::mem::take(&mut self.scratch_cand);
+        cand.clear();
+        cand.resize(self.tenant_keys.len(), u32::MAX);
+        for (i, c) in candidates.iter().enumerate() {
+            if let Some(t) = self.tenant(c.id) {
+                cand[t as usize] = i as u32;
+            }
+        }
+        let mut m = std::mem::take(&mut self.scratch_match);
+        m.clear();
+        self.tree.match_prefix(
+            text.as_bytes(),
+            |t| cand.get(t as usize).is_some_and(|&i| i != u32::MAX),
+            &mut m,
+        );
+        (cand, m)
     }
 
     /// The tree (for inspection in tests and benches).
@@ -357,22 +374,7 @@ impl Policy for CacheAware {
         let chosen = if imbalanced || text.is_empty() {
             self.least_loaded(candidates, |_| true)
         } else {
-            // Map tenants to candidate indexes for this request.
-            let mut cand = std::mem::take(&mut self.scratch_cand);
-            cand.clear();
-            cand.resize(self.tenant_keys.len(), u32::MAX);
-            for (i, c) in candidates.iter().enumerate() {
-                if let Some(t) = self.tenant(c.id) {
-                    cand[t as usize] = i as u32;
-                }
-            }
-            let mut m = std::mem::take(&mut self.scratch_match);
-            m.clear();
-            self.tree.match_prefix(
-                text.as_bytes(),
-                |t| cand.get(t as usize).is_some_and(|&i| i != u32::MAX),
-                &mut m,
-            );
+            let (cand, m) = self.match_candidates(&text, candidates);
             let need = self.cfg.cache_threshold * text.len() as f64;
             let mean = (self.recent.len() + 1) as f64 / candidates.len() as f64;
             let slack = ((self.cfg.affinity_load_factor - 1.0) * mean).ceil() as u32;

@@ -637,19 +637,28 @@ async fn embeddings(State(s): St, headers: HeaderMap, body: Bytes) -> Response {
     r
 }
 
-/// vLLM's `POST /tokenize`: the same rendering the cache uses, in vLLM's answer shape.
-async fn tokenize_route(State(s): St, raw: Bytes) -> Response {
-    if json_object(&raw).is_none() {
-        return err(
+/// The prompt of a request body as the simulator's tokens (the rendering the cache
+/// uses); a 400 answer when the body is not a JSON object.
+fn prompt_tokens(raw: &[u8]) -> Result<Vec<u32>, Response> {
+    if json_object(raw).is_none() {
+        return Err(err(
             StatusCode::BAD_REQUEST,
             "request body must be a JSON object",
-        );
+        ));
     }
     let text = vllm_router_sdk::routing::routing_text(
-        &raw,
-        &vllm_router_sdk::routing::FieldIndex::new(&raw),
+        raw,
+        &vllm_router_sdk::routing::FieldIndex::new(raw),
     );
-    let tokens = tokenize(text.as_bytes());
+    Ok(tokenize(text.as_bytes()))
+}
+
+/// vLLM's `POST /tokenize`: the same rendering the cache uses, in vLLM's answer shape.
+async fn tokenize_route(State(s): St, raw: Bytes) -> Response {
+    let tokens = match prompt_tokens(&raw) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let mut r = axum::Json(
         json!({"count": tokens.len(), "max_model_len": 4096, "tokens": tokens, "token_strs": null}),
     )
@@ -665,17 +674,10 @@ async fn tokenize_route(State(s): St, raw: Bytes) -> Response {
 /// the prompt's token ids without generating (vllm-project/router tokenizes through
 /// them). Nothing is cached.
 async fn render_route(State(s): St, raw: Bytes) -> Response {
-    if json_object(&raw).is_none() {
-        return err(
-            StatusCode::BAD_REQUEST,
-            "request body must be a JSON object",
-        );
-    }
-    let text = vllm_router_sdk::routing::routing_text(
-        &raw,
-        &vllm_router_sdk::routing::FieldIndex::new(&raw),
-    );
-    let tokens = tokenize(text.as_bytes());
+    let tokens = match prompt_tokens(&raw) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
     let model = s.knobs.lock().model.clone();
     axum::Json(json!({"model": model, "token_ids": tokens, "prompt_token_ids": tokens, "sampling_params": {}}))
         .into_response()

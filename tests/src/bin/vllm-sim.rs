@@ -33,6 +33,9 @@
 //! socket (replay still has them: a gap), `POST /sim/kv/restart` empties the cache and
 //! restarts the sequence at 0 (an engine restart).
 //!
+//! Generated text is common one-token English words (`the of and to …`), so clients that
+//! count tokens see one per generated token.
+//!
 //! Test knobs: flags at start, `POST /sim/config` at run time (same names, JSON), and
 //! per request the header `x-sim-status: CODE` (answer with that status). Recent requests
 //! (path, headers, parsed body, and the raw body bytes as text) are listed by
@@ -188,6 +191,19 @@ struct Recorded {
     body: Value,
     /// The body exactly as received (UTF-8 text), for byte-exact forwarding tests.
     raw: String,
+}
+
+/// Generated text: common English words that real tokenizers (BPE, SentencePiece) count
+/// as one token each, so client tools that count tokens (`vllm bench serve`) see one
+/// token per generated token.
+const OUT_WORDS: [&str; 16] = [
+    "the", "of", "and", "to", "in", "is", "it", "that", "for", "on", "was", "with", "as", "at",
+    "by", "be",
+];
+
+/// The `i`-th generated token's text (a word and a space).
+fn out_token(i: u32) -> String {
+    format!("{} ", OUT_WORDS[i as usize % OUT_WORDS.len()])
 }
 
 /// The simulator's tokenizer: 4-byte pieces of the text, one token each.
@@ -535,7 +551,7 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
         if !total.is_zero() {
             tokio::time::sleep(total).await;
         }
-        let text: String = (0..max_tokens).map(|i| format!("tok{i} ")).collect();
+        let text: String = (0..max_tokens).map(out_token).collect();
         let out = if chat {
             json!({"id": id, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "reasoning_content": null, "content": text, "tool_calls": []},
@@ -585,10 +601,10 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
             let fin = if last { json!("length") } else { Value::Null };
             let v = if chat {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": worker,
-                    "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "logprobs": null, "finish_reason": fin}]})
+                    "choices": [{"index": 0, "delta": {"content": out_token(i)}, "logprobs": null, "finish_reason": fin}]})
             } else {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": worker,
-                    "choices": [{"index": 0, "text": format!("tok{i} "), "logprobs": null, "finish_reason": fin, "stop_reason": null}]})
+                    "choices": [{"index": 0, "text": out_token(i), "logprobs": null, "finish_reason": fin, "stop_reason": null}]})
             };
             ok &= send(v).await;
         }

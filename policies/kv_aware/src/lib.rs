@@ -18,8 +18,10 @@
 //!    A worker beyond its **fair share** of recent decisions (cache_aware's rule:
 //!    more than `ceil((affinity_load_factor − 1) × mean)` above the least-used
 //!    candidate) gets no credit for its cached blocks unless the request continues a
-//!    conversation the tree saw sent there: a popular template spreads to a few
-//!    holders instead of one, while chats keep their worker.
+//!    conversation — the tree saw it sent there, or the index shows one worker holding
+//!    at least half the prompt with nobody else within a block of it (with several
+//!    router replicas, a replica's tree misses most turns): a popular template
+//!    spreads to a few holders instead of one, while chats keep their worker.
 //!    When no allowed candidate holds any block of the prompt, the events say nothing
 //!    and step 1 decides (its placement of new prefixes balances better than a tie).
 //! 3. The choice is also recorded in the `cache_aware` tree, so a fall back to step 1
@@ -50,7 +52,24 @@ impl KvAware {
         // Balance over time as cache_aware keeps it: a worker beyond its fair share of
         // recent decisions takes a request on affinity only when the request continues
         // a conversation it holds.
-        let fair = self.fallback.affinity_allowed(text, candidates);
+        let mut fair = self.fallback.affinity_allowed(text, candidates);
+        // A conversation's next turn, seen from the index: one worker holds most of the
+        // prompt (at least half of it) and nobody else comes within a block of it. That
+        // replica's tree may never have seen the earlier turns (several router replicas),
+        // but moving the conversation would still cost its whole prefill.
+        let mut by_hits: Vec<(u32, usize)> = m
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.blocks.min(m.total_blocks), i))
+            .collect();
+        by_hits.sort_unstable_by(|a, b| b.cmp(a));
+        if let [(top, i), rest @ ..] = by_hits.as_slice() {
+            let second = rest.first().map(|r| r.0).unwrap_or(0);
+            if *top * 2 >= m.total_blocks && *top > second + 1 {
+                fair[*i] = true;
+            }
+        }
         let n = candidates.len() as f64;
         let total: u64 = candidates.iter().map(Candidate::load).sum();
         let cap = (self.load_factor * (total + 1) as f64 / n).ceil().max(1.0) as u64;
@@ -198,6 +217,30 @@ mod tests {
         h.set_in_flight(2, 1);
         let req = long_chat("b").with_cached_prefix(8, &[(0, 0), (1, 0), (2, 0)]);
         assert_eq!(h.pick(&req), 1);
+    }
+
+    #[test]
+    fn a_conversation_held_by_one_worker_stays_there_a_shared_prefix_spreads() {
+        // Different texts each time, so the fallback's tree sees no continuation: only
+        // the index can tell.
+        let mut h = Harness::<KvAware>::new("{}", 2).unwrap();
+        for i in 0..12 {
+            let req = long_chat(&format!("turn {i} ")).with_cached_prefix(10, &[(0, 8), (1, 0)]);
+            assert_eq!(
+                h.pick(&req),
+                0,
+                "request {i} left the worker holding its prefix"
+            );
+        }
+        // Both hold the same prefix (a template): the fair share spreads them.
+        let mut h = Harness::<KvAware>::new("{}", 2).unwrap();
+        let mut on = [0u32; 2];
+        for i in 0..12 {
+            let req =
+                long_chat(&format!("question {i} ")).with_cached_prefix(10, &[(0, 8), (1, 8)]);
+            on[h.pick(&req) as usize] += 1;
+        }
+        assert!(on[0] >= 4 && on[1] >= 4, "a shared prefix piled up: {on:?}");
     }
 
     #[test]

@@ -138,6 +138,13 @@ impl RequestInfo {
             .get_or_init(|| routing_text(&self.body, self.index()))
     }
 
+    /// The raw JSON text of top-level body field `name` (from the same one-pass index
+    /// as [`RequestInfo::body_field`]), e.g. `[{"role":"user",…}]` for `messages`.
+    pub fn raw_field(&self, name: &str) -> Option<&str> {
+        let r = self.index().range(name)?;
+        std::str::from_utf8(self.body.get(r)?).ok()
+    }
+
     /// A scalar body field by dotted path.
     pub fn body_field(&self, path: &str) -> Option<String> {
         self.index().get(&self.body, path)

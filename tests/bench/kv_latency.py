@@ -12,31 +12,15 @@ Usage: python3 tests/bench/kv_latency.py [--requests 300] [--prompt-bytes 8192]
 import argparse
 import http.client
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
+from compare_routers import free_port, stop
+from kv_quality import spawn
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(cmd, stdout=subprocess.DEVNULL):
-    return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
-
-
-def stop(p):
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        p.wait(10)
 
 
 def wait(url):

@@ -32,13 +32,14 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+# Shared with the overhead bench (same directory): logging, free ports, stopping a
+# process group.
+from compare_routers import free_port, log, stop
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "target" / "bench"
@@ -47,16 +48,6 @@ WORKERS = 4
 CACHE_BLOCKS = 400          # per worker, 16-token blocks: ~6,400 tokens (eviction pressure)
 PREFILL_US_PER_TOKEN = 200  # simulated prefill cost of an uncached token (makes TTFT follow the hit rate)
 CONCURRENCY = 8
-
-
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ensure():
@@ -85,16 +76,6 @@ def peer_available():
 
 def spawn(cmd, stdout=subprocess.DEVNULL):
     return subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
-
-
-def stop(p):
-    if p and p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
 
 
 def start_sims():

@@ -135,6 +135,9 @@ impl Forwarder {
             return;
         }
         kv.want();
+        if !kv.needs_prompt(req) {
+            return;
+        }
         let set = self.registry.snapshot();
         let cands = policy::candidates(&set, role, &[], 0);
         if cands.is_empty() {

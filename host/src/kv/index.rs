@@ -116,8 +116,7 @@ impl Source {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Block key → (worker id, how many of its engine hashes map to this key).
-    holders: HashMap<u64, Vec<(u32, u32)>>,
+    holders: Holders,
     sources: HashMap<u32, Source>,
     /// Speculative holders: blocks of prompts just routed to a worker, counted as held
     /// until `expiry` (the engine's `BlockStored` arrives only once it has prefilled
@@ -127,30 +126,42 @@ struct Inner {
     pending_order: VecDeque<(Instant, u64)>,
 }
 
-impl Inner {
-    fn drop_holder(&mut self, key: u64, worker: u32) {
-        if let Some(h) = self.holders.get_mut(&key) {
-            if let Some(i) = h.iter().position(|(w, _)| *w == worker) {
-                h[i].1 -= 1;
-                if h[i].1 == 0 {
-                    h.swap_remove(i);
-                }
-            }
-            if h.is_empty() {
-                self.holders.remove(&key);
+/// Block key → (worker id, how many of its engine hashes map to this key).
+type Holders = HashMap<u64, Vec<(u32, u32)>>;
+
+/// One more engine hash of `worker` maps to `key`.
+fn add_holder(holders: &mut Holders, key: u64, worker: u32) {
+    let h = holders.entry(key).or_default();
+    match h.iter_mut().find(|(w, _)| *w == worker) {
+        Some(e) => e.1 += 1,
+        None => h.push((worker, 1)),
+    }
+}
+
+/// One engine hash of `worker` no longer maps to `key`.
+fn drop_holder(holders: &mut Holders, key: u64, worker: u32) {
+    if let Some(h) = holders.get_mut(&key) {
+        if let Some(i) = h.iter().position(|(w, _)| *w == worker) {
+            h[i].1 -= 1;
+            if h[i].1 == 0 {
+                h.swap_remove(i);
             }
         }
+        if h.is_empty() {
+            holders.remove(&key);
+        }
     }
+}
 
+impl Inner {
     fn clear(&mut self, worker: u32) {
         let Some(src) = self.sources.get_mut(&worker) else {
             return;
         };
-        let keys: Vec<u64> = src.engine_to_key.drain().map(|(_, k)| k).collect();
-        src.order.clear();
-        for k in keys {
-            self.drop_holder(k, worker);
+        for (_, k) in src.engine_to_key.drain() {
+            drop_holder(&mut self.holders, k, worker);
         }
+        src.order.clear();
     }
 }
 
@@ -243,18 +254,6 @@ impl KvIndex {
             .unwrap_or(SourceState::Fallback)
     }
 
-    /// Per source: (worker id, state, blocks held).
-    pub fn sources(&self) -> Vec<(u32, SourceState, usize)> {
-        let g = self.inner.read();
-        let mut v: Vec<_> = g
-            .sources
-            .iter()
-            .map(|(w, s)| (*w, s.state, s.engine_to_key.len()))
-            .collect();
-        v.sort_by_key(|x| x.0);
-        v
-    }
-
     /// Blocks `worker` holds.
     pub fn source_blocks(&self, worker: u32) -> usize {
         self.inner
@@ -315,41 +314,25 @@ impl KvIndex {
                         key = block_key(key, tokens);
                         if let Some(old) = src.engine_to_key.insert(*h, key) {
                             // Re-stored under the same engine hash: replace, don't double count.
-                            let h = inner.holders.entry(old).or_default();
-                            if let Some(e) = h.iter_mut().find(|(w, _)| *w == worker) {
-                                e.1 -= 1;
-                            }
-                            h.retain(|(_, n)| *n > 0);
-                            if h.is_empty() {
-                                inner.holders.remove(&old);
-                            }
+                            drop_holder(&mut inner.holders, old, worker);
                         }
                         src.order.push_back(*h);
-                        let hs = inner.holders.entry(key).or_default();
-                        match hs.iter_mut().find(|(w, _)| *w == worker) {
-                            Some(e) => e.1 += 1,
-                            None => hs.push((worker, 1)),
-                        }
+                        add_holder(&mut inner.holders, key, worker);
                         out.stored += 1;
                     }
                     // The bound: forget the oldest stored blocks.
-                    let src = inner.sources.get_mut(&worker).expect("inserted above");
-                    let mut victims = Vec::new();
                     while src.engine_to_key.len() > self.max_blocks_per_worker {
                         let Some(h) = src.order.pop_front() else {
                             break;
                         };
                         if let Some(k) = src.engine_to_key.remove(&h) {
-                            victims.push(k);
+                            drop_holder(&mut inner.holders, k, worker);
+                            out.evicted += 1;
                         }
                     }
                     if src.order.len() > 2 * src.engine_to_key.len() + 1024 {
                         let live = &src.engine_to_key;
                         src.order.retain(|h| live.contains_key(h));
-                    }
-                    out.evicted += victims.len() as u64;
-                    for k in victims {
-                        inner.drop_holder(k, worker);
                     }
                 }
                 KvEvent::BlockRemoved {
@@ -365,7 +348,7 @@ impl KvIndex {
                             .get_mut(&worker)
                             .and_then(|s| s.engine_to_key.remove(h));
                         if let Some(k) = key {
-                            g.drop_holder(k, worker);
+                            drop_holder(&mut g.holders, k, worker);
                             out.removed += 1;
                         }
                     }
@@ -555,7 +538,7 @@ mod tests {
         assert_eq!((a.stored, a.evicted), (3, 1));
         // The first block went: the prompt no longer has a leading hit.
         assert_eq!(hits(&ix, &toks, &[1]), vec![(0, 1)]);
-        assert_eq!(ix.sources(), vec![(1, SourceState::Exact, 2)]);
+        assert_eq!((ix.state(1), ix.source_blocks(1)), (SourceState::Exact, 2));
     }
 
     #[test]

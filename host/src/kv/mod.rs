@@ -33,7 +33,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use parking_lot::Mutex;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use source::SourceSpec;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -218,19 +217,6 @@ impl KvEvents {
         }
     }
 
-    /// Per source: (worker name, state, blocks held), for the debug API.
-    pub fn sources(&self) -> Vec<(String, SourceState, usize, String)> {
-        let running = self.running.lock();
-        self.index
-            .sources()
-            .into_iter()
-            .filter_map(|(id, st, n)| {
-                let (spec, _) = running.get(&id)?;
-                Some((spec.name.clone(), st, n, spec.endpoint.clone()))
-            })
-            .collect()
-    }
-
     /// The sources each worker should have now.
     async fn desired(&self) -> HashMap<u32, SourceSpec> {
         let set = self.registry.snapshot();
@@ -364,13 +350,19 @@ impl KvEvents {
         }
     }
 
+    /// Whether [`KvEvents::prepare`] would do anything for `req`: not done yet (a retry,
+    /// or the other PD stage) and some source has events.
+    pub fn needs_prompt(&self, req: &RequestInfo) -> bool {
+        req.kv.get().is_none() && self.index.has_sources()
+    }
+
     /// Tokenize `req`'s prompt and attach its block keys, so the policy's
     /// `cached-prefix` can answer. Does nothing when no source has events, when the
     /// route has no prompt, or when it is already done (a retry). `worker`: whose
     /// `/tokenize` to ask. A failure or timeout leaves the request without a prompt:
     /// the policy sees 0 blocks and routes as without events.
     pub async fn prepare(&self, req: &Arc<RequestInfo>, worker: &Worker) {
-        if req.kv.get().is_some() || !self.index.has_sources() {
+        if !self.needs_prompt(req) {
             return;
         }
         let t0 = Instant::now();
@@ -475,61 +467,42 @@ enum Tokenize {
 /// completions → `model`, `prompt`, `add_special_tokens`. Values are copied as raw
 /// JSON text, never re-serialised.
 fn tokenize_body(req: &RequestInfo) -> Tokenize {
-    #[derive(Deserialize)]
-    struct Fields<'a> {
-        #[serde(borrow, default)]
-        model: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        messages: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        prompt: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        tools: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        chat_template: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        chat_template_kwargs: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        add_generation_prompt: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        continue_final_message: Option<&'a RawValue>,
-        #[serde(borrow, default)]
-        add_special_tokens: Option<&'a RawValue>,
-    }
-    let Ok(f) = serde_json::from_slice::<Fields<'_>>(&req.body) else {
-        return Tokenize::None;
-    };
+    let f = |name: &str| req.raw_field(name);
     let mut body = String::with_capacity(req.body.len() + 32);
     body.push('{');
-    let mut push = |k: &str, v: Option<&RawValue>| {
-        if let Some(v) = v {
+    let mut push = |k: &str| {
+        if let Some(v) = f(k) {
             if body.len() > 1 {
                 body.push(',');
             }
             body.push('"');
             body.push_str(k);
             body.push_str("\":");
-            body.push_str(v.get());
+            body.push_str(v);
         }
     };
-    push("model", f.model);
-    if let Some(m) = f.messages {
-        push("messages", Some(m));
-        push("tools", f.tools);
-        push("chat_template", f.chat_template);
-        push("chat_template_kwargs", f.chat_template_kwargs);
-        push("add_generation_prompt", f.add_generation_prompt);
-        push("continue_final_message", f.continue_final_message);
-    } else if let Some(p) = f.prompt {
-        if let Ok(ids) = serde_json::from_str::<Vec<u32>>(p.get()) {
+    push("model");
+    if f("messages").is_some() {
+        for k in [
+            "messages",
+            "tools",
+            "chat_template",
+            "chat_template_kwargs",
+            "add_generation_prompt",
+            "continue_final_message",
+        ] {
+            push(k);
+        }
+    } else if let Some(p) = f("prompt") {
+        if let Ok(ids) = serde_json::from_str::<Vec<u32>>(p) {
             return Tokenize::Tokens(ids);
         }
-        if !p.get().starts_with('"') {
+        if !p.starts_with('"') {
             // A batch of prompts: no single prefix to match.
             return Tokenize::None;
         }
-        push("prompt", Some(p));
-        push("add_special_tokens", f.add_special_tokens);
+        push("prompt");
+        push("add_special_tokens");
     } else {
         return Tokenize::None;
     }

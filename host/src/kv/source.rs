@@ -134,10 +134,10 @@ pub async fn run(spec: SourceSpec, index: Arc<KvIndex>, metrics: Arc<Metrics>) {
     }
 }
 
+/// An exact source that lost its publisher becomes degraded (fallback stays fallback).
 fn degrade(index: &KvIndex, metrics: &Metrics, spec: &SourceSpec) {
     if index.state(spec.worker) == SourceState::Exact {
-        index.set_state(spec.worker, SourceState::Degraded);
-        metrics.kv_state(&spec.name, SourceState::Degraded);
+        set_state(index, metrics, spec, SourceState::Degraded);
     }
 }
 

@@ -45,10 +45,15 @@ const WIT: &[(&str, &str)] = &[
         "vllm-router/wit/policy.wit",
         include_str!("../../wit/policy.wit"),
     ),
-    // The optional KV capability (the Rust SDK's bindings cover both packages).
+    // Contract 0.1's optional KV capability package.
     (
         "vllm-router/wit/kv/prefix-cache.wit",
         include_str!("../../wit/kv/prefix-cache.wit"),
+    ),
+    // Contract 0.2: what the Rust SDK targets (the other languages' SDKs target 0.1).
+    (
+        "vllm-router/wit/0.2/policy.wit",
+        include_str!("../../wit/0.2/policy.wit"),
     ),
 ];
 
@@ -104,6 +109,9 @@ publish = false
 [dependencies]
 serde = { version = "1", features = ["derive"] }
 serde_json = { version = "1", features = ["raw_value"] }
+
+[target.'cfg(not(target_arch = "wasm32"))'.dependencies]
+xxhash-rust = { version = "0.8", features = ["xxh3"] }
 
 [target.'cfg(target_arch = "wasm32")'.dependencies]
 wit-bindgen = { version = "0.63", default-features = false, features = ["macros", "realloc"] }
@@ -255,9 +263,11 @@ Edit `{edit}`; native tests: `{test}`. `build.sh` publishes `{name}.wasm` with a
 so a router started with `--policy-wasm ./{name}.wasm` hot-swaps to each new build with
 no dropped request (a file that fails to load keeps the previous version serving).
 
-`vllm-router/` holds the contract (`wit/policy.wit`, world `policy`) and the SDK this
-router binary shipped; the contract's rules (what each call may do, time and memory
-limits, what a fault does) are in the WIT file's comments.
+`vllm-router/` holds the contract and the SDK this router binary shipped: the Rust SDK
+targets contract 0.2 (`wit/0.2/policy.wit`, world `policy-full`), the Go, C, JavaScript
+and Python SDKs contract 0.1 (`wit/policy.wit`, world `policy`); the router loads both.
+The contract's rules (what each call may do, time and memory limits, what a fault does)
+are in the WIT files' comments.
 ",
         lang = format!("{lang:?}").to_lowercase(),
     )
@@ -347,6 +357,7 @@ mod tests {
             let root = dir.join(&name);
             assert!(root.join("vllm-router/wit/policy.wit").is_file());
             assert!(root.join("vllm-router/wit/kv/prefix-cache.wit").is_file());
+            assert!(root.join("vllm-router/wit/0.2/policy.wit").is_file());
             assert!(root.join(sdk).is_file(), "{lang:?}: {sdk}");
             let build = std::fs::read_to_string(root.join("build.sh")).unwrap();
             assert!(build.contains(&format!("{name}.wasm")), "{lang:?}");

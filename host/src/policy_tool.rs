@@ -200,13 +200,32 @@ fn check(a: &CheckArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("FAILED to load: {e:#}"))?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let (imports, exports) = version.interface_names();
-    let contract = exports
-        .iter()
-        .chain(imports.iter())
-        .find_map(|n| n.strip_prefix("vllm:router-policy/balancer@"))
-        .unwrap_or("?");
+    let contract = version.contract();
+    // 0.2's optional interfaces, as the router found them.
+    let optional: Vec<&str> = [
+        ("feedback", "vllm:router-policy/feedback@"),
+        ("state-transfer", "vllm:router-policy/state-transfer@"),
+    ]
+    .into_iter()
+    .filter(|(_, p)| exports.iter().any(|n| n.starts_with(p)))
+    .map(|(n, _)| n)
+    .chain(
+        version
+            .reads_prefix_cache()
+            .then_some("imports prefix-cache"),
+    )
+    .collect();
     let wasi: Vec<&String> = imports.iter().filter(|n| n.starts_with("wasi:")).collect();
-    println!("  contract       vllm:router-policy@{contract} (world policy)");
+    println!(
+        "  contract       vllm:router-policy@{contract}{}",
+        if contract == "0.1.0" {
+            " (world policy; every export in balancer)".to_string()
+        } else if optional.is_empty() {
+            " (balancer only)".to_string()
+        } else {
+            format!(" (balancer + {})", optional.join(", "))
+        }
+    );
     println!(
         "  imports        {} ({} WASI{})",
         imports.len(),

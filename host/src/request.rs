@@ -171,6 +171,9 @@ impl vllm_router_runtime::RequestView for RequestInfo {
     fn body_field(&self, path: &str) -> Option<String> {
         RequestInfo::body_field(self, path)
     }
+    fn body_pointer(&self, pointer: &str) -> Option<String> {
+        self.index().pointer(&self.body, pointer)
+    }
     fn routing_text(&self) -> &str {
         RequestInfo::routing_text(self)
     }

@@ -2,7 +2,8 @@
 //! the epoch ticker (parks when idle) and the compiled-component cache.
 
 use crate::version::PolicyVersion;
-use crate::{IDLE_TICKS, PolicyPre, PolicyState, PolicyWorld, TICK, WorkerInfo, wasi};
+use crate::version::Pre;
+use crate::{IDLE_TICKS, PolicyState, PolicyWorld, TICK, WorkerInfo, wasi};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -88,7 +89,7 @@ pub struct PolicyEngine {
     pub(crate) ticker: Arc<Ticker>,
     /// Recently compiled components by SHA-256, most recent last: a rollback to a
     /// version seen before (A → B → A) skips compilation (tens of milliseconds).
-    compiled: Mutex<Vec<(String, PolicyPre<PolicyState>)>>,
+    compiled: Mutex<Vec<(String, Pre)>>,
     /// Faults within `quarantine_window_ms` that quarantine a version (0 = never).
     pub(crate) quarantine_faults: AtomicU64,
     pub(crate) quarantine_window_ms: AtomicU64,
@@ -127,13 +128,21 @@ impl PolicyEngine {
         // bindings do not define it there, and the catch-all for unknown imports
         // (`wasi::link_wasi`) would otherwise define a *different* resource under that
         // name, which the type check refuses ("mismatched resource types").
-        linker
-            .instance("vllm:router-kv/prefix-cache@0.1.0")?
-            .resource(
+        // Contract 0.2 beside 0.1: distinct package versions, so both sets coexist.
+        crate::bindings_v2::PolicyFull::add_to_linker::<PolicyState, HasSelf<PolicyState>>(
+            &mut linker,
+            |s| s,
+        )?;
+        for instance in [
+            "vllm:router-kv/prefix-cache@0.1.0",
+            "vllm:router-policy/prefix-cache@0.2.0",
+        ] {
+            linker.instance(instance)?.resource(
                 "request",
                 wasmtime::component::ResourceType::host::<crate::ReqHandle>(),
                 |_, _| Ok(()),
             )?;
+        }
         let ticker = Arc::new(Ticker {
             calls: AtomicU64::new(0),
             active: AtomicU64::new(0),
@@ -288,14 +297,12 @@ impl PolicyEngine {
                 };
                 let mut linker = self.linker.clone();
                 wasi::link_wasi(&mut linker, &self.engine, &component)?;
-                let pre = linker
-                    .instantiate_pre(&component)
-                    .map_err(|e| anyhow::anyhow!("component does not fit this router (needs world vllm:router-policy/policy@0.1.x): {e:#}"))?;
-                let pre = PolicyPre::new(pre).map_err(|e| {
+                let pre = linker.instantiate_pre(&component).map_err(|e| {
                     anyhow::anyhow!(
-                        "component does not export vllm:router-policy/balancer@0.1.x: {e:#}"
+                        "component does not fit this router (needs world vllm:router-policy/policy@0.1.x or @0.2.x): {e:#}"
                     )
                 })?;
+                let pre = Pre::new(pre)?;
                 let mut c = self.compiled.lock();
                 c.push((sha256.to_string(), pre.clone()));
                 if c.len() > COMPILED_CACHE {
@@ -309,7 +316,10 @@ impl PolicyEngine {
             .component()
             .component_type()
             .imports(&self.engine)
-            .any(|(name, _)| name.starts_with("vllm:router-kv/prefix-cache@"));
+            .any(|(name, _)| {
+                name.starts_with("vllm:router-kv/prefix-cache@")
+                    || name.starts_with("vllm:router-policy/prefix-cache@")
+            });
         let version = Arc::new(PolicyVersion {
             name: name.to_string(),
             reads_prefix_cache,

@@ -10,6 +10,9 @@ use wasmtime::{ResourceLimiter, StoreLimits};
 /// Per-Store state: the current request, the log limiter and the memory limits.
 pub struct PolicyState {
     pub(crate) current: Option<(Arc<dyn RequestView>, Stage)>,
+    /// Engine words of the current `select`'s candidates (empty when none has a sample),
+    /// for contract 0.2's on-demand `request.engine-load`.
+    pub(crate) engine_words: Vec<u64>,
     /// Worker ids of the current `select`'s candidates, in order; filled only for a
     /// version that imports `prefix-cache` (the only reader).
     pub(crate) candidate_ids: Vec<u32>,
@@ -175,3 +178,114 @@ impl prefix_cache::Host for PolicyState {
         })
     }
 }
+
+/// Contract 0.2's imports: the same request and host functions (shared bodies with 0.1),
+/// plus `body-pointer`, `engine-load` and `hash64`.
+mod v2 {
+    use super::PolicyState;
+    use crate::bindings_v2::vllm::router_policy::{host, prefix_cache, types};
+    use crate::{ReqHandle, Stage};
+    use wasmtime::component::Resource;
+
+    fn level(l: types::Level) -> crate::types::Level {
+        match l {
+            types::Level::Debug => crate::types::Level::Debug,
+            types::Level::Info => crate::types::Level::Info,
+            types::Level::Warn => crate::types::Level::Warn,
+            types::Level::Error => crate::types::Level::Error,
+        }
+    }
+
+    /// The 0.2 form of the host's stage.
+    pub(crate) fn stage(s: Stage) -> types::Stage {
+        match s {
+            Stage::Regular => types::Stage::Regular,
+            Stage::Prefill => types::Stage::Prefill,
+            Stage::Decode => types::Stage::Decode,
+        }
+    }
+
+    impl types::Host for PolicyState {}
+
+    impl types::HostRequest for PolicyState {
+        fn path(&mut self, r: Resource<ReqHandle>) -> wasmtime::Result<String> {
+            crate::types::HostRequest::path(self, r)
+        }
+        fn model(&mut self, r: Resource<ReqHandle>) -> wasmtime::Result<Option<String>> {
+            crate::types::HostRequest::model(self, r)
+        }
+        fn header(
+            &mut self,
+            r: Resource<ReqHandle>,
+            name: String,
+        ) -> wasmtime::Result<Option<String>> {
+            crate::types::HostRequest::header(self, r, name)
+        }
+        fn body_field(
+            &mut self,
+            r: Resource<ReqHandle>,
+            path: String,
+        ) -> wasmtime::Result<Option<String>> {
+            crate::types::HostRequest::body_field(self, r, path)
+        }
+        fn body_pointer(
+            &mut self,
+            _: Resource<ReqHandle>,
+            pointer: String,
+        ) -> wasmtime::Result<Option<String>> {
+            Ok(self.req()?.body_pointer(&pointer))
+        }
+        fn routing_text(&mut self, r: Resource<ReqHandle>) -> wasmtime::Result<String> {
+            crate::types::HostRequest::routing_text(self, r)
+        }
+        fn body_length(&mut self, r: Resource<ReqHandle>) -> wasmtime::Result<u64> {
+            crate::types::HostRequest::body_length(self, r)
+        }
+        fn request_id(&mut self, r: Resource<ReqHandle>) -> wasmtime::Result<String> {
+            crate::types::HostRequest::request_id(self, r)
+        }
+        fn stage(&mut self, r: Resource<ReqHandle>) -> wasmtime::Result<types::Stage> {
+            crate::types::HostRequest::stage(self, r).map(stage)
+        }
+        fn engine_load(&mut self, _: Resource<ReqHandle>) -> wasmtime::Result<Vec<u64>> {
+            Ok(if self.current.is_some() {
+                self.engine_words.clone()
+            } else {
+                Vec::new()
+            })
+        }
+        fn drop(&mut self, _: Resource<ReqHandle>) -> wasmtime::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl host::Host for PolicyState {
+        fn log(&mut self, l: types::Level, message: String) -> wasmtime::Result<()> {
+            self.emit(level(l), &message);
+            Ok(())
+        }
+        fn now_ms(&mut self) -> wasmtime::Result<u64> {
+            crate::host::Host::now_ms(self)
+        }
+        fn random(&mut self) -> wasmtime::Result<u64> {
+            crate::host::Host::random(self)
+        }
+        fn hash64(&mut self, data: Vec<u8>) -> wasmtime::Result<u64> {
+            Ok(xxhash_rust::xxh3::xxh3_64(&data))
+        }
+    }
+
+    impl prefix_cache::Host for PolicyState {
+        fn cached_prefix(
+            &mut self,
+            r: Resource<ReqHandle>,
+        ) -> wasmtime::Result<prefix_cache::PrefixMatch> {
+            let m = crate::prefix_cache::Host::cached_prefix(self, r)?;
+            Ok(prefix_cache::PrefixMatch {
+                total_blocks: m.total_blocks,
+                candidates: m.candidates,
+            })
+        }
+    }
+}
+pub(crate) use v2::stage as stage_v2;

@@ -47,6 +47,8 @@ pub trait RequestView: Send + Sync {
     fn header(&self, name: &str) -> Option<&str>;
     /// A scalar body field by dotted path (see `wit/policy.wit`).
     fn body_field(&self, path: &str) -> Option<String>;
+    /// A scalar body field by JSON Pointer (RFC 6901; contract 0.2's `body-pointer`).
+    fn body_pointer(&self, pointer: &str) -> Option<String>;
     /// The routing text (prompt) of the request.
     fn routing_text(&self) -> &str;
     /// Body length, bytes.
@@ -79,10 +81,11 @@ pub struct WorkerInfo {
     pub labels: Vec<(String, String)>,
 }
 
+/// Contract 0.1 (`wit/policy.wit`, frozen) with its KV capability package
+/// (`wit/kv/prefix-cache.wit`): every component built before 0.2 links against these.
 mod bindings {
     wasmtime::component::bindgen!({
-        // The frozen policy contract and the optional KV capability beside it: a
-        // component that does not import `prefix-cache` links exactly as before.
+        // A component that does not import `prefix-cache` links exactly as before.
         path: ["../wit", "../wit/kv"],
         world: "vllm:router-kv/policy-kv",
         imports: { default: trappable },
@@ -92,10 +95,25 @@ mod bindings {
     });
 }
 
+/// Contract 0.2 (`wit/0.2/policy.wit`). Linked beside 0.1 (the component model treats
+/// 0.1 and 0.2 as incompatible packages, so both sets of imports are defined); the
+/// version a component speaks is read from its `balancer` export.
+pub(crate) mod bindings_v2 {
+    wasmtime::component::bindgen!({
+        path: "../wit/0.2",
+        world: "vllm:router-policy/policy-full",
+        imports: { default: trappable },
+        with: { "vllm:router-policy/types.request": super::ReqHandle },
+    });
+}
+
 use bindings::vllm::router_kv::prefix_cache;
 pub use bindings::vllm::router_policy::types::{Completion, Stage};
 use bindings::vllm::router_policy::{host, types};
 use bindings::{PolicyKv as PolicyWorld, PolicyKvPre as PolicyPre};
+
+/// The contract versions this runtime links, oldest first (`vllm:router-policy@…`).
+pub const CONTRACTS: &[&str] = &["0.1.0", "0.2.0"];
 
 /// Marker for the `request` resource: the host passes the current request by borrow and
 /// keeps it in the Store's data, so no table entry is made per call.

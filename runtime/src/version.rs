@@ -2,6 +2,10 @@
 //! `workers-changed`, `on-complete`, state hand-off), fault classification and
 //! quarantine.
 
+use crate::bindings_v2::exports::vllm::router_policy::{
+    balancer as v2_balancer, feedback as v2_feedback, state_transfer as v2_state,
+};
+use crate::bindings_v2::vllm::router_policy::types as v2_types;
 use crate::engine::PolicyEngine;
 use crate::{
     Completion, PolicyPre, PolicyState, PolicyWorld, RequestView, SETUP_BUDGET_FACTOR, Stage,
@@ -12,12 +16,132 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 use vllm_router_sdk::wire::{pack_candidate, pack_engine};
+use wasmtime::component::InstancePre;
 use wasmtime::component::Resource;
 use wasmtime::{Store, StoreLimitsBuilder};
 
+/// A compiled, linked component of either contract version, with its export lookups
+/// done once (per compile, not per instantiation).
+#[derive(Clone)]
+pub(crate) enum Pre {
+    /// `vllm:router-policy@0.1.0` (every export in `balancer`).
+    V1(PolicyPre<PolicyState>),
+    /// `vllm:router-policy@0.2.0`: `balancer` required, `feedback` and `state-transfer`
+    /// probed (absent = the policy does not want them).
+    V2 {
+        pre: InstancePre<PolicyState>,
+        balancer: v2_balancer::GuestIndices,
+        feedback: Option<v2_feedback::GuestIndices>,
+        state: Option<v2_state::GuestIndices>,
+    },
+}
+
+impl Pre {
+    /// Classify a linked component by the `balancer` it exports. Errors: it exports
+    /// neither version's `balancer` (or one with the wrong functions).
+    pub(crate) fn new(pre: InstancePre<PolicyState>) -> anyhow::Result<Pre> {
+        let exports_v2 = pre
+            .component()
+            .get_export_index(None, "vllm:router-policy/balancer@0.2.0")
+            .is_some();
+        if exports_v2 {
+            let balancer = v2_balancer::GuestIndices::new(&pre).map_err(|e| {
+                anyhow::anyhow!(
+                    "component's vllm:router-policy/balancer@0.2.0 does not match the contract: {e:#}"
+                )
+            })?;
+            let feedback = v2_feedback::GuestIndices::new(&pre).ok();
+            let state = v2_state::GuestIndices::new(&pre).ok();
+            return Ok(Pre::V2 {
+                pre,
+                balancer,
+                feedback,
+                state,
+            });
+        }
+        PolicyPre::new(pre).map(Pre::V1).map_err(|e| {
+            anyhow::anyhow!(
+                "component does not export vllm:router-policy/balancer (0.1.x or 0.2.x): {e:#}"
+            )
+        })
+    }
+
+    pub(crate) fn instance_pre(&self) -> &InstancePre<PolicyState> {
+        match self {
+            Pre::V1(p) => p.instance_pre(),
+            Pre::V2 { pre, .. } => pre,
+        }
+    }
+
+    /// The contract version the component speaks, e.g. `0.2.0`.
+    pub(crate) fn contract(&self) -> &'static str {
+        match self {
+            Pre::V1(_) => "0.1.0",
+            Pre::V2 { .. } => "0.2.0",
+        }
+    }
+
+    fn instantiate(&self, store: &mut Store<PolicyState>) -> wasmtime::Result<Exports> {
+        Ok(match self {
+            Pre::V1(p) => Exports::V1(p.instantiate(&mut *store)?),
+            Pre::V2 {
+                pre,
+                balancer,
+                feedback,
+                state,
+            } => {
+                let instance = pre.instantiate(&mut *store)?;
+                Exports::V2 {
+                    balancer: balancer.load(&mut *store, &instance)?,
+                    feedback: match feedback {
+                        Some(f) => Some(f.load(&mut *store, &instance)?),
+                        None => None,
+                    },
+                    state: match state {
+                        Some(s) => Some(s.load(&mut *store, &instance)?),
+                        None => None,
+                    },
+                }
+            }
+        })
+    }
+}
+
+/// The typed exports of a live instance.
+enum Exports {
+    V1(PolicyWorld),
+    V2 {
+        balancer: v2_balancer::Guest,
+        feedback: Option<v2_feedback::Guest>,
+        state: Option<v2_state::Guest>,
+    },
+}
+
+/// A decision in either version's type.
+fn decision_v2(d: v2_types::Decision) -> types::Decision {
+    match d {
+        v2_types::Decision::Worker(id) => types::Decision::Worker(id),
+        v2_types::Decision::None(why) => types::Decision::None(why),
+    }
+}
+
+fn worker_v2(w: &WorkerInfo) -> v2_types::Worker {
+    v2_types::Worker {
+        id: w.id,
+        url: w.url.clone(),
+        role: match w.role {
+            vllm_router_sdk::Role::Regular => v2_types::Role::Regular,
+            vllm_router_sdk::Role::Prefill => v2_types::Role::Prefill,
+            vllm_router_sdk::Role::Decode => v2_types::Role::Decode,
+        },
+        dp_rank: w.dp_rank,
+        labels: w.labels.clone(),
+    }
+}
+
 pub(crate) struct Live {
     store: Store<PolicyState>,
-    world: PolicyWorld,
+    world: Exports,
     /// Worker-set generation this instance was told about.
     generation: u64,
     /// Reused candidate / engine word buffers for `select`.
@@ -128,7 +252,7 @@ pub struct PolicyVersion {
     pub(crate) engine: Arc<PolicyEngine>,
     /// This version's sandbox limits (the engine's, or its slot's overrides).
     pub(crate) limits: crate::Limits,
-    pub(crate) pre: PolicyPre<PolicyState>,
+    pub(crate) pre: Pre,
     /// Whether the component imports `vllm:router-kv/prefix-cache` (the host then has
     /// the prompt tokenized before `select`; see [`PolicyVersion::reads_prefix_cache`]).
     pub(crate) reads_prefix_cache: bool,
@@ -187,6 +311,7 @@ impl PolicyVersion {
             .build();
         let state = PolicyState {
             current: None,
+            engine_words: Vec::new(),
             candidate_ids: Vec::new(),
             label: self.label.clone(),
             limits,
@@ -204,10 +329,13 @@ impl PolicyVersion {
             .instantiate(&mut store)
             .map_err(|e| anyhow::anyhow!("instantiation failed: {}", classify(e)))?;
         self.inits.fetch_add(1, Ordering::Relaxed);
-        match world
-            .vllm_router_policy_balancer()
-            .call_init(&mut store, &self.config)
-        {
+        let init = match &world {
+            Exports::V1(w) => w
+                .vllm_router_policy_balancer()
+                .call_init(&mut store, &self.config),
+            Exports::V2 { balancer, .. } => balancer.call_init(&mut store, &self.config),
+        };
+        match init {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => anyhow::bail!("init refused the config: {msg}"),
             Err(e) => anyhow::bail!("init failed: {}", classify(e)),
@@ -229,13 +357,20 @@ impl PolicyVersion {
         if live.generation == generation {
             return Ok(());
         }
-        let list: Vec<types::Worker> = workers.iter().map(to_wit_worker).collect();
         live.store
             .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
-        live.world
-            .vllm_router_policy_balancer()
-            .call_workers_changed(&mut live.store, &list)
-            .map_err(classify)?;
+        match &live.world {
+            Exports::V1(w) => {
+                let list: Vec<types::Worker> = workers.iter().map(to_wit_worker).collect();
+                w.vllm_router_policy_balancer()
+                    .call_workers_changed(&mut live.store, &list)
+            }
+            Exports::V2 { balancer, .. } => {
+                let list: Vec<v2_types::Worker> = workers.iter().map(worker_v2).collect();
+                balancer.call_workers_changed(&mut live.store, &list)
+            }
+        }
+        .map_err(classify)?;
         live.generation = generation;
         self.synced.store(generation, Ordering::Release);
         Ok(())
@@ -388,12 +523,21 @@ impl PolicyVersion {
                 data.candidate_ids.extend(candidates.iter().map(|c| c.id));
             }
             live.store.set_epoch_deadline(self.limits.call_ms);
-            let r = live.world.vllm_router_policy_balancer().call_select(
-                &mut live.store,
-                Resource::new_borrow(0),
-                &words,
-                &engine,
-            );
+            let r = match &live.world {
+                Exports::V1(w) => w.vllm_router_policy_balancer().call_select(
+                    &mut live.store,
+                    Resource::new_borrow(0),
+                    &words,
+                    &engine,
+                ),
+                Exports::V2 { balancer, .. } => {
+                    // 0.2: engine load is read on demand (`request.engine-load`).
+                    std::mem::swap(&mut live.store.data_mut().engine_words, &mut engine);
+                    let r = balancer.call_select(&mut live.store, Resource::new_borrow(0), &words);
+                    std::mem::swap(&mut live.store.data_mut().engine_words, &mut engine);
+                    r.map(decision_v2)
+                }
+            };
             live.buffers = (words, engine);
             live.store.data_mut().current = None;
             match r.map_err(classify)? {
@@ -417,13 +561,45 @@ impl PolicyVersion {
     /// Tell the policy a request it routed has ended (call from the feedback thread, see
     /// [`feedback::FeedbackQueue`]).
     pub fn complete(&self, done: Completion) -> Result<(), PolicyFault> {
+        if !self.wants_feedback() {
+            return Ok(());
+        }
         self.with_live(|live| {
             live.store.set_epoch_deadline(self.limits.call_ms);
-            live.world
-                .vllm_router_policy_balancer()
-                .call_on_complete(&mut live.store, done)
-                .map_err(classify)
+            match &live.world {
+                Exports::V1(w) => w
+                    .vllm_router_policy_balancer()
+                    .call_on_complete(&mut live.store, done),
+                Exports::V2 { feedback, .. } => match feedback {
+                    Some(f) => f.call_on_complete(
+                        &mut live.store,
+                        v2_types::Completion {
+                            worker: done.worker,
+                            status: done.status,
+                            latency_ms: done.latency_ms,
+                            first_byte_ms: done.first_byte_ms,
+                            stage: crate::host_api::stage_v2(done.stage),
+                        },
+                    ),
+                    None => Ok(()),
+                },
+            }
+            .map_err(classify)
         })
+    }
+
+    /// Whether the policy takes `on-complete` (always for 0.1; for 0.2, when it exports
+    /// `feedback`): the host skips queueing completions for one that does not.
+    pub fn wants_feedback(&self) -> bool {
+        match &self.pre {
+            Pre::V1(_) => true,
+            Pre::V2 { feedback, .. } => feedback.is_some(),
+        }
+    }
+
+    /// The contract version the component speaks (`0.1.0` or `0.2.0`).
+    pub fn contract(&self) -> &'static str {
+        self.pre.contract()
     }
 
     /// The policy's exported state (empty when it has none or fails).
@@ -431,24 +607,32 @@ impl PolicyVersion {
         self.with_live(|live| {
             live.store
                 .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
-            live.world
-                .vllm_router_policy_balancer()
-                .call_export_state(&mut live.store)
-                .map_err(classify)
+            match &live.world {
+                Exports::V1(w) => w
+                    .vllm_router_policy_balancer()
+                    .call_export_state(&mut live.store),
+                Exports::V2 { state: Some(s), .. } => s.call_export_state(&mut live.store),
+                Exports::V2 { state: None, .. } => Ok(Vec::new()),
+            }
+            .map_err(classify)
         })
         .unwrap_or_default()
     }
 
-    /// Hand state from a previous version; `Ok(false)` when the policy declined it.
+    /// Hand state from a previous version; `Ok(false)` when the policy declined it (or,
+    /// 0.2, exports no `state-transfer`).
     pub fn import_state(&self, state: &[u8]) -> Result<bool, PolicyFault> {
         self.with_live(|live| {
             live.store
                 .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
-            let r = live
-                .world
-                .vllm_router_policy_balancer()
-                .call_import_state(&mut live.store, state)
-                .map_err(classify)?;
+            let r = match &live.world {
+                Exports::V1(w) => w
+                    .vllm_router_policy_balancer()
+                    .call_import_state(&mut live.store, state),
+                Exports::V2 { state: Some(s), .. } => s.call_import_state(&mut live.store, state),
+                Exports::V2 { state: None, .. } => Ok(Err("no state-transfer export".into())),
+            }
+            .map_err(classify)?;
             Ok(r.is_ok())
         })
     }

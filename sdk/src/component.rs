@@ -1,5 +1,6 @@
-//! The component side (wasm32 only): wit-bindgen bindings for `wit/policy.wit` and the
-//! adapter that turns a [`Policy`] into the exported `balancer` interface.
+//! The component side (wasm32 only): wit-bindgen bindings for `wit/0.2/policy.wit` (world
+//! `policy-full`) and the adapter that turns a [`Policy`] into the exported `balancer`,
+//! `feedback` and `state-transfer` interfaces.
 
 use crate::{Candidate, Completion, Decision, Policy, Request, Role, Stage, Worker};
 use std::cell::RefCell;
@@ -8,10 +9,10 @@ use std::marker::PhantomData;
 #[allow(missing_docs, clippy::all)]
 pub mod bindings {
     wit_bindgen::generate!({
-        // The frozen contract plus the optional KV capability; a policy that never calls
-        // `kv::cached_prefix` does not import it (unused imports are dropped at link).
-        path: ["../wit", "../wit/kv"],
-        world: "vllm:router-kv/policy-kv",
+        // A policy that never calls `kv::cached_prefix` does not import `prefix-cache`
+        // (unused imports are dropped at link).
+        path: "../wit/0.2",
+        world: "vllm:router-policy/policy-full",
         generate_all,
         pub_export_macro: true,
         export_macro_name: "export",
@@ -19,7 +20,7 @@ pub mod bindings {
     });
 }
 
-use bindings::exports::vllm::router_policy::balancer as wit;
+use bindings::exports::vllm::router_policy::{balancer as wit, feedback, state_transfer};
 use bindings::vllm::router_policy::types as t;
 
 /// Object-safe view of the policy so it can sit in one non-generic static.
@@ -74,6 +75,9 @@ impl Request for ReqView<'_> {
     }
     fn body_field(&self, path: &str) -> Option<String> {
         self.0.body_field(path)
+    }
+    fn body_pointer(&self, pointer: &str) -> Option<String> {
+        self.0.body_pointer(pointer)
     }
     fn routing_text(&self) -> String {
         self.0.routing_text()
@@ -137,7 +141,13 @@ impl<P: Policy> wit::Guest for Adapter<P> {
         with_policy(|p| p.workers_changed(&workers));
     }
 
-    fn select(req: &t::Request, candidates: Vec<u64>, engine: Vec<u64>) -> t::Decision {
+    fn select(req: &t::Request, candidates: Vec<u64>) -> t::Decision {
+        // Engine load only for a policy that reads it (contract 0.2: on demand).
+        let engine = if P::USES_ENGINE_LOAD {
+            req.engine_load()
+        } else {
+            Vec::new()
+        };
         // Reuse one buffer across calls: no allocation per decision.
         let d = CANDIDATES.with(|buf| {
             let mut buf = buf.borrow_mut();
@@ -156,7 +166,9 @@ impl<P: Policy> wit::Guest for Adapter<P> {
             None => t::Decision::None("policy not initialised".to_string()),
         }
     }
+}
 
+impl<P: Policy> feedback::Guest for Adapter<P> {
     fn on_complete(done: t::Completion) {
         let c = Completion {
             worker: done.worker,
@@ -167,7 +179,9 @@ impl<P: Policy> wit::Guest for Adapter<P> {
         };
         with_policy(|p| p.on_complete(&c));
     }
+}
 
+impl<P: Policy> state_transfer::Guest for Adapter<P> {
     fn export_state() -> Vec<u8> {
         with_policy(|p| p.export_state()).unwrap_or_default()
     }
@@ -188,6 +202,6 @@ pub(crate) fn cached_prefix_words() -> (u32, Vec<u64>) {
     // SAFETY: `CURRENT_REQUEST` is non-null only while `select` runs on this (single)
     // thread, and it points at that call's borrowed `req`, which outlives the call.
     let req = unsafe { &*p };
-    let m = bindings::vllm::router_kv::prefix_cache::cached_prefix(req);
+    let m = bindings::vllm::router_policy::prefix_cache::cached_prefix(req);
     (m.total_blocks, m.candidates)
 }

@@ -20,9 +20,11 @@
 //! vllm_router_sdk::export_policy!(LeastInFlight);
 //! ```
 //!
-//! The contract is `wit/policy.wit` (package `vllm:router-policy@0.1.0`, world `policy`).
-//! This crate mirrors its types as ordinary Rust types so the same policy code runs inside
-//! the component and in native tests ([`testing`]).
+//! The contract is `wit/0.2/policy.wit` (package `vllm:router-policy@0.2.0`, world
+//! `policy-full`; a component imports `prefix-cache` only if it calls
+//! [`kv::cached_prefix`]). This crate mirrors its types as ordinary Rust types so the
+//! same policy code runs inside the component and in native tests ([`testing`]).
+//! Components built with SDK versions for contract 0.1 keep loading in the router.
 
 use std::fmt;
 
@@ -252,6 +254,10 @@ pub trait Request {
     fn header(&self, name: &str) -> Option<String>;
     /// A scalar JSON body field by dotted path (`session_params.session_id`).
     fn body_field(&self, path: &str) -> Option<String>;
+    /// A scalar JSON body field by JSON Pointer (RFC 6901): `/metadata/session_id`,
+    /// `/messages/0/content`, `/a~1b` for the key `a/b`. Strings unquoted, numbers and
+    /// booleans as JSON text; objects, arrays, null and misses give `None`.
+    fn body_pointer(&self, pointer: &str) -> Option<String>;
     /// The prompt text for prefix affinity (see [`routing::routing_text`]).
     fn routing_text(&self) -> String;
     /// Body length in bytes.
@@ -275,8 +281,8 @@ pub trait Request {
     }
 }
 
-/// Exact prefix-cache knowledge from vLLM's KV-cache events: the optional capability
-/// `vllm:router-kv/prefix-cache` (`wit/kv/prefix-cache.wit`).
+/// Exact prefix-cache knowledge from vLLM's KV-cache events: the optional import
+/// `vllm:router-policy/prefix-cache@0.2.0` (`wit/0.2/policy.wit`).
 ///
 /// A policy that calls [`cached_prefix`] imports that interface; the router then has each
 /// request's prompt tokenized (the worker's `/tokenize`) and matched against its index of
@@ -405,6 +411,12 @@ pub trait Policy: Sized + 'static {
     /// An `Err` refuses the load, with that message shown to the operator.
     fn new(config: &str) -> Result<Self, String>;
 
+    /// Whether [`Candidate::engine`] is read. Contract 0.2 hands engine load over only
+    /// on request (`request.engine-load`); a policy that never looks at it sets this to
+    /// `false` and its candidates carry `engine: None` (the words are then never copied
+    /// into the component). Default `true`: correct for every policy.
+    const USES_ENGINE_LOAD: bool = true;
+
     /// The full worker set changed. Called before the first `select`.
     fn workers_changed(&mut self, _workers: &[Worker]) {}
 
@@ -455,6 +467,13 @@ pub mod host {
         imp::random()
     }
 
+    /// The contract's published hash: XXH3-64, seed 0, of `data` (the host computes it
+    /// in a component; natively the `xxhash-rust` crate does, with the same result).
+    /// Policies in any language that hash with it build identical hash rings.
+    pub fn hash64(data: &[u8]) -> u64 {
+        imp::hash64(data)
+    }
+
     /// A uniform random index in `0..n` (`n > 0`), by Lemire's multiply-shift.
     pub fn random_below(n: usize) -> usize {
         debug_assert!(n > 0);
@@ -481,6 +500,9 @@ pub mod host {
         pub fn random() -> u64 {
             host::random()
         }
+        pub fn hash64(data: &[u8]) -> u64 {
+            host::hash64(data)
+        }
     }
 
     #[cfg(not(target_arch = "wasm32"))]
@@ -498,6 +520,9 @@ pub mod host {
         pub fn log(level: Level, message: &str) {
             eprintln!("[policy {level:?}] {message}");
         }
+        pub fn hash64(data: &[u8]) -> u64 {
+            xxhash_rust::xxh3::xxh3_64(data)
+        }
         pub fn now_ms() -> u64 {
             START.get_or_init(Instant::now).elapsed().as_millis() as u64
         }
@@ -512,6 +537,15 @@ pub mod host {
                 x.wrapping_mul(0x2545_F491_4F6C_DD1D)
             })
         }
+    }
+
+    #[cfg(all(test, not(target_arch = "wasm32")))]
+    #[test]
+    fn hash64_is_xxh3_64_with_seed_0() {
+        // The reference test vectors of xxHash's XXH3_64bits (sanity check of the
+        // published hash every language must reproduce).
+        assert_eq!(hash64(b""), 0x2D06_8005_38D3_94C2);
+        assert_eq!(hash64(b"a"), 0xE6C6_32B6_1E96_4E1F);
     }
 
     #[cfg(not(target_arch = "wasm32"))]

@@ -58,6 +58,50 @@ impl FieldIndex {
     }
 }
 
+impl FieldIndex {
+    /// A scalar field by JSON Pointer (RFC 6901): `/metadata/session_id`,
+    /// `/messages/0/content`; `~1` stands for `/` and `~0` for `~` in a key. Same return
+    /// rules as [`FieldIndex::get`]; a pointer that does not start with `/`, an array
+    /// index that is not a plain decimal (`01`, `-`), or a path that leaves the body
+    /// gives `None`. Only the objects and arrays on the path are scanned.
+    pub fn pointer(&self, body: &[u8], pointer: &str) -> Option<String> {
+        let rest = pointer.strip_prefix('/')?;
+        let mut tokens = rest
+            .split('/')
+            .map(|t| t.replace("~1", "/").replace("~0", "~"));
+        let mut range = self.range(&tokens.next()?)?;
+        for token in tokens {
+            let raw = &body[range.clone()];
+            range = match raw.first()? {
+                b'{' => {
+                    let sub = object_ranges(raw, range.start)?;
+                    sub.into_iter().find(|(k, _)| *k == token)?.1
+                }
+                b'[' => {
+                    if token.is_empty()
+                        || !token.bytes().all(|b| b.is_ascii_digit())
+                        || (token.len() > 1 && token.starts_with('0'))
+                    {
+                        return None;
+                    }
+                    let i: usize = token.parse().ok()?;
+                    let items: Vec<&RawValue> = serde_json::from_slice(raw).ok()?;
+                    let v = items.get(i)?.get();
+                    let off = v.as_ptr() as usize - raw.as_ptr() as usize;
+                    range.start + off..range.start + off + v.len()
+                }
+                _ => return None,
+            };
+        }
+        scalar_text(&body[range])
+    }
+}
+
+/// A scalar body field by JSON Pointer; see [`FieldIndex::pointer`].
+pub fn body_pointer(body: &[u8], pointer: &str) -> Option<String> {
+    FieldIndex::new(body).pointer(body, pointer)
+}
+
 fn scalar_text(raw: &[u8]) -> Option<String> {
     match raw.first()? {
         b'"' => serde_json::from_slice::<String>(raw).ok(),
@@ -183,6 +227,31 @@ pub fn routing_text(body: &[u8], index: &FieldIndex) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_pointer_reaches_arrays_and_escaped_keys() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"yo"}],"metadata":{"session_id":"s-1","a/b":7,"m~n":true,"nested":{"k":[1,2]}},"n":null}"#;
+        let idx = FieldIndex::new(body);
+        let p = |ptr: &str| idx.pointer(body, ptr);
+        assert_eq!(p("/model").as_deref(), Some("m"));
+        assert_eq!(p("/messages/1/content").as_deref(), Some("yo"));
+        assert_eq!(p("/messages/0/role").as_deref(), Some("user"));
+        assert_eq!(p("/metadata/session_id").as_deref(), Some("s-1"));
+        assert_eq!(p("/metadata/a~1b").as_deref(), Some("7"));
+        assert_eq!(p("/metadata/m~0n").as_deref(), Some("true"));
+        assert_eq!(p("/metadata/nested/k/1").as_deref(), Some("2"));
+        // Not scalars, missing, malformed.
+        assert_eq!(p("/messages"), None);
+        assert_eq!(p("/messages/0"), None);
+        assert_eq!(p("/n"), None);
+        assert_eq!(p("/messages/2/content"), None);
+        assert_eq!(p("/messages/01/content"), None);
+        assert_eq!(p("/messages/-"), None);
+        assert_eq!(p("model"), None);
+        assert_eq!(p(""), None);
+        assert_eq!(p("/model/x"), None);
+        assert_eq!(body_pointer(b"not json", "/a"), None);
+    }
 
     #[test]
     fn chat_turns_share_a_prefix() {

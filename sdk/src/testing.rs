@@ -133,6 +133,9 @@ impl Request for FakeRequest {
     fn body_field(&self, path: &str) -> Option<String> {
         self.index.get(&self.body, path)
     }
+    fn body_pointer(&self, pointer: &str) -> Option<String> {
+        self.index.pointer(&self.body, pointer)
+    }
     fn routing_text(&self) -> String {
         routing_text(&self.body, &self.index)
     }
@@ -249,7 +252,8 @@ impl<P: Policy> Harness<P> {
         self.in_flight[self.pos(id)]
     }
 
-    /// The candidates the router would pass now.
+    /// The candidates the router would pass now (engine load only when the policy
+    /// declares [`Policy::USES_ENGINE_LOAD`], as in a component).
     pub fn candidates(&self) -> Vec<Candidate> {
         self.workers
             .iter()
@@ -258,7 +262,11 @@ impl<P: Policy> Harness<P> {
             .map(|(i, w)| Candidate {
                 id: w.id,
                 in_flight: self.in_flight[i],
-                engine: self.engine[i],
+                engine: if P::USES_ENGINE_LOAD {
+                    self.engine[i]
+                } else {
+                    None
+                },
             })
             .collect()
     }

@@ -255,6 +255,14 @@ pub fn policy_wasm(stem: &str) -> PathBuf {
     p
 }
 
+/// Path of a committed test fixture under `tests/fixtures/` (e.g. a component built from
+/// an older contract's sources). Panics when it is missing.
+pub fn fixture(rel: &str) -> PathBuf {
+    let p = workspace_root().join("tests/fixtures").join(rel);
+    assert!(p.exists(), "fixture {} missing", p.display());
+    p
+}
+
 /// Path of the example `least_inflight` policy component.
 pub fn example_policy_wasm() -> PathBuf {
     policy_wasm("least_inflight_policy")

@@ -74,6 +74,97 @@ async fn init_runs_once_per_load_and_on_complete_once_per_request_even_with_retr
     assert_eq!(router.log_matching("probe workers-changed n=2").len(), 1);
 }
 
+/// Contract 0.2's additions reach a guest through the real router: a body field by JSON
+/// Pointer (into an array), the published hash (XXH3-64, the same value the SDK computes
+/// natively) and engine load on demand, scraped from the simulators' `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contract_0_2_gives_json_pointer_published_hash_and_engine_load() {
+    let sims = start_sims(2, &[]);
+    let probe = policy_wasm("test_policy_probe");
+    let router = start_router(
+        &urls(&sims),
+        &args(
+            &["--no-watch", "--engine-metrics-interval-ms", "100"],
+            probe.to_str().unwrap(),
+        ),
+    );
+    let c = client();
+    // Let the first engine scrape land so every candidate has a sample.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let body = json!({
+        "model": "m",
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": {"tags": ["alpha", "beta/gamma"]},
+    });
+    let r = post_json(
+        &c,
+        &format!("{}/v1/chat/completions", router.url()),
+        &[("x-probe", "0.2")],
+        &body,
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let _ = r.text().await;
+    let line = wait_lines(&router, "probe v0.2", 1).await.remove(0);
+    let hash = vllm_router_sdk::host::hash64(b"vllm-router");
+    assert!(
+        line.contains(r#"pointer=Some(\"beta/gamma\")"#)
+            || line.contains(r#"pointer=Some("beta/gamma")"#),
+        "{line}"
+    );
+    assert!(line.contains(&format!("hash={hash} ")), "{line}");
+    assert!(line.contains("engine=true"), "{line}");
+    let m = router_metrics(&router).await;
+    assert_eq!(
+        metric_sum(&m, "vllm_router_policy_failures_total", &[]),
+        0.0
+    );
+}
+
+/// A component built from contract 0.1 sources (committed bytes) keeps serving in this
+/// router: decisions through real requests, with 0.1's engine list, and no fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_built_for_contract_0_1_still_routes() {
+    let sims = start_sims(2, &[]);
+    let old = fixture("contract-0.1.0/power_of_two.wasm");
+    let router = start_router(
+        &urls(&sims),
+        &[
+            "--policy-wasm",
+            old.to_str().unwrap(),
+            "--no-watch",
+            "--engine-metrics-interval-ms",
+            "100",
+        ],
+    );
+    let c = client();
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let r = post_completion(&c, &router, &format!("old contract {i}")).await;
+        assert_eq!(r.status(), 200);
+        seen.insert(worker_of(&r));
+        let _ = r.text().await;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "power_of_two spreads over both workers: {seen:?}"
+    );
+    let m = router_metrics(&router).await;
+    assert_eq!(
+        metric_sum(&m, "vllm_router_policy_failures_total", &[]),
+        0.0
+    );
+    assert!(
+        metric_sum(
+            &m,
+            "vllm_router_policy_decision_duration_seconds_count",
+            &[]
+        ) >= 40.0,
+        "{m}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pd_feedback_reaches_both_slots_with_their_stage() {
     let p = start_sim("p0", &["--role", "prefill"]);

@@ -25,9 +25,22 @@ fn policy_check_passes_a_good_policy_and_fails_a_faulting_one_with_the_reason() 
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("vllm:router-policy@0.1.0"), "{stdout}");
+    assert!(
+        stdout.contains("vllm:router-policy@0.2.0 (balancer + feedback, state-transfer)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("select         p50"), "{stdout}");
     assert!(stdout.trim_end().ends_with("OK"), "{stdout}");
+
+    // A component built from contract 0.1 sources (committed; see its README) passes.
+    let old = fixture("contract-0.1.0/power_of_two.wasm");
+    let out = router_cmd(&["policy", "check", old.to_str().unwrap(), "--calls", "200"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("vllm:router-policy@0.1.0 (world policy"),
+        "{stdout}"
+    );
 
     let hostile = policy_wasm("test_policy_hostile");
     let out = router_cmd(&[

@@ -245,7 +245,8 @@ impl Forwarder {
                 .inc();
         }
         if final_attempt && !choice.fallback {
-            if let Some(version) = &choice.version {
+            // A 0.2 policy without a `feedback` export gets no completions (no queueing).
+            if let Some(version) = choice.version.as_ref().filter(|v| v.wants_feedback()) {
                 let ms = |d: Duration| d.as_millis().min(u32::MAX as u128) as u32;
                 let done = Completion {
                     worker: choice.worker.id,

@@ -2,8 +2,10 @@
 //!
 //! - Ring: 160 virtual nodes per worker (vllm-project/router's count), keyed
 //!   `"{url}:{i}"` (or `"{url}@{rank}:{i}"`), so every router replica builds the same ring.
-//!   Point hash: `vllm_router_sdk::routing::stable_hash64` (word-at-a-time
-//!   multiply-rotate, MurmurHash3's `fmix64`).
+//!   Point hash: the contract's published XXH3-64 (`host.hash64`, seed 0) of the
+//!   UTF-8 key, points sorted ascending; a request's key hash goes to the first point at
+//!   or after it (wrapping). Any language with an xxHash library (or the host call)
+//!   reproduces this ring exactly.
 //! - Key, first present: client headers `x-session-id`, `x-user-id`, `x-tenant-id`,
 //!   `x-request-id`, `x-correlation-id`, `x-trace-id` (the host shows only headers the
 //!   client sent, so a router-generated id never becomes the key); then body fields
@@ -48,7 +50,9 @@ impl Default for Config {
     }
 }
 
-pub use vllm_router_sdk::routing::stable_hash64 as hash64;
+/// The ring's point hash: the contract's published XXH3-64 (`host.hash64`, seed 0), so a
+/// policy in any language builds this exact ring (see docs/policies.md).
+pub use vllm_router_sdk::host::hash64;
 
 /// The policy: a sorted ring of `(point, worker id)`.
 pub struct ConsistentHash {
@@ -108,6 +112,9 @@ impl ConsistentHash {
 }
 
 impl Policy for ConsistentHash {
+    // Reads only in-flight counts: engine load is never copied in (contract 0.2).
+    const USES_ENGINE_LOAD: bool = false;
+
     fn new(config: &str) -> Result<Self, String> {
         let cfg: Config =
             serde_json::from_str(config).map_err(|e| format!("consistent_hash config: {e}"))?;

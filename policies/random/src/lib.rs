@@ -8,6 +8,9 @@ use vllm_router_sdk::prelude::*;
 pub struct Random;
 
 impl Policy for Random {
+    // Reads only in-flight counts: engine load is never copied in (contract 0.2).
+    const USES_ENGINE_LOAD: bool = false;
+
     fn new(_config: &str) -> Result<Self, String> {
         Ok(Random)
     }

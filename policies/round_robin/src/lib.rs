@@ -15,6 +15,9 @@ pub struct RoundRobin {
 }
 
 impl Policy for RoundRobin {
+    // Reads only in-flight counts: engine load is never copied in (contract 0.2).
+    const USES_ENGINE_LOAD: bool = false;
+
     fn new(_config: &str) -> Result<Self, String> {
         Ok(RoundRobin::default())
     }

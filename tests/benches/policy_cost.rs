@@ -85,6 +85,9 @@ impl Request for Native {
     fn body_field(&self, _: &str) -> Option<String> {
         None
     }
+    fn body_pointer(&self, _: &str) -> Option<String> {
+        None
+    }
     fn routing_text(&self) -> String {
         self.text.clone()
     }

@@ -46,6 +46,9 @@ pub struct Worker {
     /// Circuit breaker and its shared settings.
     breaker: Breaker,
     cb: Arc<BreakerShared>,
+    /// Idle upstream connections to this worker (plain HTTP; see
+    /// [`crate::forward::upstream`]).
+    pub(crate) conns: crate::forward::upstream::IdleConns,
 }
 
 impl Worker {
@@ -96,6 +99,7 @@ impl Worker {
             engine_packed: AtomicU64::new(0),
             engine_at_ms: AtomicU64::new(0),
             breaker: Breaker::default(),
+            conns: Default::default(),
             cb,
         })
     }

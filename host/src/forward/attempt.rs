@@ -3,6 +3,7 @@
 //! the in-flight count all consume the same [`Outcome`].
 
 use super::Forwarder;
+use super::upstream::{self, SendError, UpstreamBody};
 use crate::policy::{Choice, Completion, Stage};
 use crate::request::RequestInfo;
 use crate::workers::{BreakerTicket, InFlight, Worker};
@@ -10,7 +11,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{HeaderMap, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -146,20 +146,32 @@ impl Forwarder {
     pub async fn send(
         &self,
         req: &RequestInfo,
-        worker: &Worker,
+        worker: &Arc<Worker>,
         body: Bytes,
         request_id: &str,
-    ) -> Result<Response<Incoming>, AttemptError> {
-        let uri = http::Uri::builder()
-            .scheme(worker.scheme.clone())
-            .authority(worker.authority.clone())
-            .path_and_query(req.path_and_query.as_str())
-            .build()
-            .map_err(|e| AttemptError::Other(format!("bad upstream URI: {e}")))?;
-        let mut headers = HeaderMap::with_capacity(req.headers.len() + 2);
+    ) -> Result<Response<UpstreamBody>, AttemptError> {
+        let plain = worker.scheme == http::uri::Scheme::HTTP;
+        let uri = if plain {
+            // Origin form on a connection of our own (see `upstream`); `Host` below.
+            http::Uri::try_from(req.path_and_query.as_str()).map_err(|e| e.to_string())
+        } else {
+            http::Uri::builder()
+                .scheme(worker.scheme.clone())
+                .authority(worker.authority.clone())
+                .path_and_query(req.path_and_query.as_str())
+                .build()
+                .map_err(|e| e.to_string())
+        }
+        .map_err(|e| AttemptError::Other(format!("bad upstream URI: {e}")))?;
+        let mut headers = HeaderMap::with_capacity(req.headers.len() + 3);
         for (k, v) in req.headers.iter() {
             if !is_hop_by_hop(k) {
                 headers.append(k.clone(), v.clone());
+            }
+        }
+        if plain {
+            if let Ok(v) = HeaderValue::from_str(worker.authority.as_str()) {
+                headers.insert(header::HOST, v);
             }
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
@@ -181,22 +193,35 @@ impl Forwarder {
         *up.method_mut() = req.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = headers;
+        // A pooled connection the worker closed before our request got through ends
+        // as a send error (hyper's "connection closed before message completed" /
+        // IncompleteMessage): nothing was processed, so it is a connection failure for
+        // retry and breaker purposes.
+        let classify = |msg: String| {
+            if msg.contains("IncompleteMessage") || msg.contains("ChannelClosed") {
+                AttemptError::Closed(msg)
+            } else {
+                AttemptError::Other(msg)
+            }
+        };
+        if plain {
+            return match tokio::time::timeout(self.request_timeout, upstream::send(worker, up))
+                .await
+            {
+                Err(_) => Err(AttemptError::Timeout),
+                Ok(Err((SendError::Connect(m), _))) => Err(AttemptError::Connect(m)),
+                Ok(Err((SendError::Closed, _))) => Err(AttemptError::Closed(
+                    "connection ended before a response".into(),
+                )),
+                Ok(Err((SendError::Http(e), _))) => Err(classify(format!("{e:?}"))),
+                Ok(Ok(resp)) => Ok(resp),
+            };
+        }
         match tokio::time::timeout(self.request_timeout, self.client.request(up)).await {
             Err(_) => Err(AttemptError::Timeout),
             Ok(Err(e)) if e.is_connect() => Err(AttemptError::Connect(format!("{e:#}"))),
-            Ok(Err(e)) => {
-                // A pooled connection the worker closed before our request got through
-                // ends as a send error (hyper's "connection closed before message
-                // completed" / IncompleteMessage): nothing was processed, so it is a
-                // connection failure for retry and breaker purposes.
-                let msg = format!("{e:?}");
-                if msg.contains("IncompleteMessage") || msg.contains("ChannelClosed") {
-                    Err(AttemptError::Closed(msg))
-                } else {
-                    Err(AttemptError::Other(msg))
-                }
-            }
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(classify(format!("{e:?}"))),
+            Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::pooled)),
         }
     }
 

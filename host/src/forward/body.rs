@@ -4,6 +4,7 @@
 //! when the worker's body ends, when it fails, or when the client goes away.
 
 use super::attempt::{Outcome, is_hop_by_hop};
+use super::upstream::UpstreamBody;
 use super::{Admitted, Forwarder, Sent, set_request_id};
 use crate::metrics::route_label;
 use crate::request::RequestInfo;
@@ -12,7 +13,6 @@ use bytes::Bytes;
 use http::header;
 use http::{Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -122,7 +122,7 @@ impl Done {
 
 /// The body wrapper (see module docs).
 struct TrackedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     done: Option<Done>,
     deadline: Pin<Box<tokio::time::Sleep>>,
 }

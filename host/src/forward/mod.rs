@@ -17,6 +17,7 @@
 pub mod attempt;
 pub mod body;
 pub mod retry;
+pub mod upstream;
 
 use crate::error::ApiError;
 use crate::metrics::{Metrics, route_label};
@@ -28,7 +29,6 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response, StatusCode, header::HeaderName};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -111,7 +111,7 @@ pub struct Target<'a> {
 /// retryable answer): the response head and the attempt, not yet settled.
 pub struct Sent {
     /// The worker's response.
-    pub resp: Response<Incoming>,
+    pub resp: Response<upstream::UpstreamBody>,
     /// The attempt it came from (settle it when the body is done).
     pub attempt: Attempt,
     /// The request id the worker saw.

@@ -64,12 +64,21 @@ struct ConnState {
     head_started: AtomicU64,
     /// The client spoke h2 (its idle pings are not a slow head).
     h2: AtomicBool,
-    /// The watchdog should recompute its deadline (a head started).
+    /// The watchdog should recompute its deadline (a head started that must time out
+    /// before the deadline it sleeps to).
     wake: tokio::sync::Notify,
+    /// The deadline the watchdog sleeps to (`NONE`: not sleeping yet). A head start only
+    /// wakes it when the header deadline falls earlier: with keep-alive traffic the
+    /// watchdog's short in-progress naps already cover it, so a request costs no
+    /// wake-up and no timer (measured: one self-wake and a timer insert and removal per
+    /// request before).
+    armed: AtomicU64,
+    /// `--client-header-timeout-secs`, milliseconds.
+    header_ms: u64,
 }
 
 impl ConnState {
-    fn new() -> Arc<Self> {
+    fn new(header_timeout: Duration) -> Arc<Self> {
         Arc::new(ConnState {
             epoch: Instant::now(),
             busy: AtomicU32::new(0),
@@ -77,7 +86,19 @@ impl ConnState {
             head_started: AtomicU64::new(0),
             h2: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
+            armed: AtomicU64::new(NONE),
+            header_ms: header_timeout.as_millis() as u64,
         })
+    }
+
+    /// The first byte of a request head arrived on an idle connection: record it, and
+    /// wake the watchdog only if its header deadline is earlier than the one it sleeps to.
+    fn head_started_now(&self) {
+        let now = self.now_ms();
+        self.head_started.store(now, Ordering::SeqCst);
+        if now + self.header_ms < self.armed.load(Ordering::SeqCst) {
+            self.wake.notify_one();
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -90,7 +111,7 @@ impl ConnState {
             return None;
         }
         let idle_since = self.idle_since.load(Ordering::Acquire);
-        let head = self.head_started.load(Ordering::Acquire);
+        let head = self.head_started.load(Ordering::SeqCst);
         if !self.h2.load(Ordering::Relaxed) && head != NONE && head >= idle_since {
             return Some((
                 head + cfg.header_timeout.as_millis() as u64,
@@ -105,23 +126,31 @@ impl ConnState {
 }
 
 /// Sleeps until the connection's deadline passes; returns the reason to close it.
+/// While a request is in progress it naps at most one header timeout at a time (a
+/// stream may last hours; a wake-up per nap costs nothing), so that a kept-alive
+/// connection's next head usually needs no wake-up (see [`ConnState::armed`]).
 async fn watchdog(st: Arc<ConnState>, cfg: ListenerConfig) -> &'static str {
+    let nap = cfg.header_timeout.min(cfg.idle_timeout).as_millis() as u64;
     loop {
         let notified = st.wake.notified();
-        let wait = match st.deadline(&cfg) {
+        let now = st.now_ms();
+        let at = match st.deadline(&cfg) {
             Some((at, reason)) => {
-                let now = st.now_ms();
                 if now >= at {
                     return reason;
                 }
-                Duration::from_millis(at - now)
+                at
             }
-            // In progress: look again after an idle period (a stream may last hours;
-            // one wake-up per idle timeout costs nothing).
-            None => cfg.idle_timeout,
+            None => now + nap,
         };
+        st.armed.store(at, Ordering::SeqCst);
+        // A head that started after `deadline` read the state but before `armed` was
+        // stored may have skipped its wake-up: look once more (SeqCst on both sides).
+        if st.deadline(&cfg).is_some_and(|(d, _)| d < at) {
+            continue;
+        }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(Duration::from_millis(at - now)) => {}
             _ = notified => {}
         }
     }
@@ -153,8 +182,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
             if st.busy.load(Ordering::Acquire) == 0
                 && st.head_started.load(Ordering::Acquire) == NONE
             {
-                st.head_started.store(st.now_ms(), Ordering::Release);
-                st.wake.notify_one();
+                st.head_started_now();
             }
         }
         r
@@ -344,7 +372,7 @@ async fn serve_conn<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let st = ConnState::new();
+    let st = ConnState::new(cfg.header_timeout);
     let io = WatchedIo {
         inner: io,
         st: st.clone(),
@@ -406,7 +434,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn fresh_connection_must_send_a_head_within_the_header_timeout() {
-        let st = ConnState::new();
+        let st = ConnState::new(cfg().header_timeout);
         let t0 = Instant::now();
         assert_eq!(watchdog(st, cfg()).await, "header_timeout");
         assert_eq!(t0.elapsed(), Duration::from_secs(2));
@@ -414,7 +442,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_keep_alive_closes_after_the_idle_timeout_and_streams_are_never_cut() {
-        let st = ConnState::new();
+        let st = ConnState::new(cfg().header_timeout);
         // A request arrives at once and streams for 60 s (longer than both timeouts).
         let busy = Busy::start(&st);
         let dog = tokio::spawn(watchdog(st.clone(), cfg()));
@@ -438,7 +466,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_head_on_a_kept_alive_connection_gets_the_header_timeout() {
-        let st = ConnState::new();
+        let st = ConnState::new(cfg().header_timeout);
         drop(Busy::start(&st)); // one request served; idle from now
         let dog = tokio::spawn(watchdog(st.clone(), cfg()));
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -451,8 +479,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_head_during_a_nap_needs_no_wake_up_and_still_times_out() {
+        let st = ConnState::new(cfg().header_timeout);
+        let busy = Busy::start(&st);
+        let dog = tokio::spawn(watchdog(st.clone(), cfg()));
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        // The watchdog naps to t=2 s (one header timeout) while the request runs.
+        assert_eq!(st.armed.load(Ordering::SeqCst), 2000);
+        drop(busy);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The next head starts at t=1.5 s and stalls: its deadline (3.5 s) is after
+        // the nap's end, so no wake-up is sent...
+        st.head_started_now();
+        tokio::task::yield_now().await;
+        assert_eq!(
+            st.armed.load(Ordering::SeqCst),
+            2000,
+            "no wake-up for this head"
+        );
+        // ...and the watchdog still closes it on time.
+        let t = Instant::now();
+        assert_eq!(dog.await.unwrap(), "header_timeout");
+        assert_eq!(t.elapsed(), Duration::from_millis(2000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_earlier_than_the_idle_deadline_wakes_the_watchdog() {
+        let st = ConnState::new(cfg().header_timeout);
+        drop(Busy::start(&st)); // idle from t=0: the watchdog sleeps to the idle deadline
+        let dog = tokio::spawn(watchdog(st.clone(), cfg()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(st.armed.load(Ordering::SeqCst), 10_000);
+        st.head_started_now();
+        let t = Instant::now();
+        assert_eq!(dog.await.unwrap(), "header_timeout");
+        assert_eq!(t.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn h2_connections_only_get_the_idle_timeout() {
-        let st = ConnState::new();
+        let st = ConnState::new(cfg().header_timeout);
         st.h2.store(true, Ordering::Relaxed);
         let t = Instant::now();
         assert_eq!(watchdog(st, cfg()).await, "idle_timeout");

@@ -8,7 +8,7 @@
 #   TOOL      none (default) | perf (perf record -g, 5 s -> target/bench/perf.data)
 #             | strace (strace -c, 5 s -> target/bench/strace.txt)
 #             | ctx (context switches per thread, before/after)
-#   SYSTEM    router (default, target/release/vllm-router, round_robin) | nginx
+#   SYSTEM    router (default: $ROUTER_BIN or target/release/vllm-router, round_robin) | nginx
 # Prints requests, req/s and CPU µs per request (utime + stime of the proxy's processes
 # over the run). Needs: cargo build --release, wrk (and nginx/perf/strace when asked;
 # `python3 tests/bench/compare_routers.py` installs wrk, nginx and haproxy).
@@ -49,7 +49,7 @@ http {
 EOF
   taskset -c 0 "$(command -v nginx || echo /usr/sbin/nginx)" -e stderr -p "$PWD/$D" -c "$PWD/$D/nginx.conf" >/dev/null 2>&1 &
 else
-  taskset -c 0 target/release/vllm-router --port "$RP" --policy round_robin --prometheus-port "$(port)" \
+  taskset -c 0 "${ROUTER_BIN:-target/release/vllm-router}" --port "$RP" --policy round_robin --prometheus-port "$(port)" \
     --log-level warn --engine-metrics-interval-ms 0 \
     --worker-urls "http://127.0.0.1:$P1" "http://127.0.0.1:$P2" >/dev/null 2>&1 &
 fi

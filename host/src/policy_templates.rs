@@ -106,6 +106,11 @@ version = "0.1.0"
 edition = "2024"
 publish = false
 
+[features]
+# Export `feedback` (`Policy::on_complete`); turn off when the policy does not use it.
+default = ["feedback"]
+feedback = []
+
 [dependencies]
 serde = { version = "1", features = ["derive"] }
 serde_json = { version = "1", features = ["raw_value"] }

@@ -7,6 +7,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 
 #[allow(missing_docs, clippy::all)]
+#[cfg(feature = "feedback")]
 pub mod bindings {
     wit_bindgen::generate!({
         // A policy that never calls `kv::cached_prefix` does not import `prefix-cache`
@@ -20,13 +21,39 @@ pub mod bindings {
     });
 }
 
-use bindings::exports::vllm::router_policy::{balancer as wit, feedback, state_transfer};
+/// Without the `feedback` feature: `policy-full` minus the `feedback` export, so the
+/// router (which probes for it) never sends this policy a completion.
+#[allow(missing_docs, clippy::all)]
+#[cfg(not(feature = "feedback"))]
+pub mod bindings {
+    wit_bindgen::generate!({
+        inline: "
+            package vllm:router-sdk;
+            world policy-no-feedback {
+                include vllm:router-policy/policy@0.2.0;
+                import vllm:router-policy/prefix-cache@0.2.0;
+                export vllm:router-policy/state-transfer@0.2.0;
+            }
+        ",
+        path: "../wit/0.2",
+        world: "vllm:router-sdk/policy-no-feedback",
+        generate_all,
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "vllm_router_sdk::component::bindings",
+    });
+}
+
+#[cfg(feature = "feedback")]
+use bindings::exports::vllm::router_policy::feedback;
+use bindings::exports::vllm::router_policy::{balancer as wit, state_transfer};
 use bindings::vllm::router_policy::types as t;
 
 /// Object-safe view of the policy so it can sit in one non-generic static.
 trait DynPolicy {
     fn workers_changed(&mut self, workers: &[Worker]);
     fn select(&mut self, req: &dyn Request, candidates: &[Candidate]) -> Decision;
+    #[cfg_attr(not(feature = "feedback"), allow(dead_code))]
     fn on_complete(&mut self, done: &Completion);
     fn export_state(&self) -> Vec<u8>;
     fn import_state(&mut self, state: &[u8]) -> Result<(), String>;
@@ -168,6 +195,7 @@ impl<P: Policy> wit::Guest for Adapter<P> {
     }
 }
 
+#[cfg(feature = "feedback")]
 impl<P: Policy> feedback::Guest for Adapter<P> {
     fn on_complete(done: t::Completion) {
         let c = Completion {

@@ -25,6 +25,13 @@
 //! [`kv::cached_prefix`]). This crate mirrors its types as ordinary Rust types so the
 //! same policy code runs inside the component and in native tests ([`testing`]).
 //! Components built with SDK versions for contract 0.1 keep loading in the router.
+//!
+//! Cargo feature `feedback` (default): export the optional `feedback` interface, so the
+//! router calls [`Policy::on_complete`] after each request. A policy that does not
+//! implement `on_complete` can depend on the SDK with `default-features = false`: the
+//! router then never queues a completion for it (one call and a thread hand-off per
+//! request saved; the built-ins do this). With the feature off, `on_complete` is never
+//! called, even if implemented.
 
 use std::fmt;
 

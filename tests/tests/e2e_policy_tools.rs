@@ -26,11 +26,29 @@ fn policy_check_passes_a_good_policy_and_fails_a_faulting_one_with_the_reason() 
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains("vllm:router-policy@0.2.0 (balancer + feedback, state-transfer)"),
+        stdout.contains("vllm:router-policy@0.2.0 (balancer + "),
         "{stdout}"
     );
     assert!(stdout.contains("select         p50"), "{stdout}");
     assert!(stdout.trim_end().ends_with("OK"), "{stdout}");
+
+    // The built-ins implement no `on_complete` and build the SDK without `feedback`:
+    // no feedback export, so the router never queues completions for them.
+    let rr = policy_wasm("policy_round_robin");
+    let out = router_cmd(&["policy", "check", rr.to_str().unwrap(), "--calls", "100"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("vllm:router-policy@0.2.0 (balancer + state-transfer)"),
+        "{stdout}"
+    );
+    let probe = policy_wasm("test_policy_probe");
+    let out = router_cmd(&["policy", "check", probe.to_str().unwrap(), "--calls", "100"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("(balancer + feedback, state-transfer)"),
+        "{stdout}"
+    );
 
     // A component built from contract 0.1 sources (committed; see its README) passes.
     let old = fixture("contract-0.1.0/power_of_two.wasm");

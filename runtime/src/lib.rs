@@ -55,7 +55,8 @@ pub trait RequestView: Send + Sync {
     fn body_length(&self) -> u64;
     /// The request id the router uses.
     fn request_id(&self) -> &str;
-    /// The prompt's prefix match against the KV-event index (`vllm:router-kv/prefix-cache`,
+    /// The prompt's prefix match against the KV-event index (`prefix-cache`, 0.1's
+    /// `vllm:router-kv` package or 0.2's `vllm:router-policy`;
     /// `wit/kv/prefix-cache.wit`): pushes one word per id of `candidates` (worker ids in
     /// `select` order) onto `out` — leading blocks held in bits 0..32, source state in
     /// bits 32..34 — and returns the prompt's full blocks. The default (no index, or no

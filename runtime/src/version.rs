@@ -253,7 +253,8 @@ pub struct PolicyVersion {
     /// This version's sandbox limits (the engine's, or its slot's overrides).
     pub(crate) limits: crate::Limits,
     pub(crate) pre: Pre,
-    /// Whether the component imports `vllm:router-kv/prefix-cache` (the host then has
+    /// Whether the component imports `prefix-cache` (`vllm:router-kv/…@0.1.0` or
+    /// `vllm:router-policy/…@0.2.0`; the host then has
     /// the prompt tokenized before `select`; see [`PolicyVersion::reads_prefix_cache`]).
     pub(crate) reads_prefix_cache: bool,
     pub(crate) live: Mutex<Option<Live>>,
@@ -293,7 +294,8 @@ fn to_wit_worker(w: &WorkerInfo) -> types::Worker {
 }
 
 impl PolicyVersion {
-    /// Whether this version imports `vllm:router-kv/prefix-cache`: only then is a
+    /// Whether this version imports `prefix-cache` (0.1's `vllm:router-kv` package or
+    /// 0.2's `vllm:router-policy`): only then is a
     /// request's prompt tokenized and matched against the KV-event index before `select`
     /// (a policy that never asks costs nothing).
     pub fn reads_prefix_cache(&self) -> bool {

@@ -3,7 +3,7 @@
 
 use crate::version::PolicyVersion;
 use crate::version::Pre;
-use crate::{IDLE_TICKS, PolicyState, PolicyWorld, TICK, WorkerInfo, wasi};
+use crate::{IDLE_PARK, PolicyState, PolicyWorld, SETUP_BUDGET_FACTOR, WorkerInfo, wasi};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -11,8 +11,17 @@ use std::time::{Duration, SystemTime};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
-/// The epoch ticker: bumps the engine's epoch every [`TICK`] while guest calls run, and
-/// parks when none ran for [`IDLE_TICKS`] ticks, so an idle router costs no wake-ups.
+/// The epoch ticker: bumps the engine's epoch once per call budget
+/// ([`Limits::tick`], `--policy-timeout-ms`) while guest calls run, and parks when none
+/// ran for [`IDLE_PARK`], so an idle router costs no wake-ups.
+///
+/// A call may run two ticks ([`Limits::CALL_TICKS`]): it is interrupted between one and
+/// two budgets after it started, never before one. A 1 ms tick with a deadline of
+/// `call_ms` ticks would be tighter, but it woke the ticker ~900 times a second under
+/// load, and every wake preempted the request thread on the same core: measured on
+/// issue 16's pinned bench (`tests/bench/pinned_profile.sh c64`), a tick of 10 ms
+/// instead of 1 ms took the router from 81.6-97.4 to 72.4-80.9 µs of CPU per request
+/// (3 alternating pairs), most of it in the kernel (context switches).
 ///
 /// Parking is safe against a call that starts meanwhile (Dekker-style, all `SeqCst`): a
 /// caller bumps `calls`/`active` then reads `parked`; the ticker sets `parked` then
@@ -51,7 +60,8 @@ impl Drop for CallGuard<'_> {
 /// Sandbox limits of one policy instance.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Per-call deadline of `select` / `on-complete`, in ms (epoch ticks).
+    /// Per-call budget of `select` / `on-complete`, in ms (also the epoch tick: a call
+    /// is interrupted between one and two budgets after it starts).
     pub call_ms: u64,
     /// Linear-memory cap per instance, bytes.
     pub max_memory: usize,
@@ -66,6 +76,19 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The epoch tick: one call budget (`call_ms`).
+    pub fn tick(&self) -> Duration {
+        Duration::from_millis(self.call_ms)
+    }
+
+    /// Epoch deadline of a `select` / `on-complete` call, in ticks: interrupted between
+    /// `call_ms` and `2 × call_ms` after it starts (see [`Ticker`]).
+    pub const CALL_TICKS: u64 = 2;
+
+    /// Epoch deadline of `init`, `workers-changed` and state hand-off, in ticks:
+    /// between [`SETUP_BUDGET_FACTOR`] and one more budget.
+    pub const SETUP_TICKS: u64 = SETUP_BUDGET_FACTOR + 1;
+
     /// The router's defaults: `call_ms` per call, `max_memory_mb` MiB per memory, room
     /// for the largest real components (32 instances, 64 tables, 16 memories: twice
     /// what componentize-py needs), still a fixed bound per instance.
@@ -160,6 +183,11 @@ impl PolicyEngine {
             disk: std::sync::OnceLock::new(),
         });
         let weak: Weak<PolicyEngine> = Arc::downgrade(&me);
+        let tick = me.limits.tick();
+        let idle_ticks = IDLE_PARK
+            .as_millis()
+            .div_ceil(tick.as_millis().max(1))
+            .max(1) as u32;
         let handle = std::thread::Builder::new()
             .name("policy-epoch".into())
             .spawn(move || {
@@ -175,7 +203,7 @@ impl PolicyEngine {
                     } else {
                         quiet += 1;
                     }
-                    if quiet >= IDLE_TICKS {
+                    if quiet >= idle_ticks {
                         t.parked.store(true, Ordering::SeqCst);
                         let busy = t.calls.load(Ordering::SeqCst) != seen
                             || t.active.load(Ordering::SeqCst) > 0;
@@ -190,7 +218,7 @@ impl PolicyEngine {
                         continue;
                     }
                     drop(e);
-                    std::thread::sleep(TICK);
+                    std::thread::sleep(tick);
                 }
             })?;
         let _ = ticker.thread.set(handle.thread().clone());

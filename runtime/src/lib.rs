@@ -120,11 +120,8 @@ pub const CONTRACTS: &[&str] = &["0.1.0", "0.2.0"];
 /// keeps it in the Store's data, so no table entry is made per call.
 pub struct ReqHandle;
 
-/// Epoch ticks per millisecond (the ticker thread bumps the epoch every 1 ms while
-/// guest calls run; see [`Ticker`]).
-pub(crate) const TICK: Duration = Duration::from_millis(1);
-/// Ticks without a guest call after which the ticker parks (an idle router is idle).
-pub(crate) const IDLE_TICKS: u32 = 200;
+/// The ticker parks after this long without a guest call (an idle router is idle).
+pub(crate) const IDLE_PARK: Duration = Duration::from_millis(200);
 /// `init`, `workers-changed` and state hand-off may build large structures: they get
 /// this many times the per-call `select` budget.
 pub(crate) const SETUP_BUDGET_FACTOR: u64 = 100;

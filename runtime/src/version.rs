@@ -6,10 +6,9 @@ use crate::bindings_v2::exports::vllm::router_policy::{
     balancer as v2_balancer, feedback as v2_feedback, state_transfer as v2_state,
 };
 use crate::bindings_v2::vllm::router_policy::types as v2_types;
-use crate::engine::PolicyEngine;
+use crate::engine::{Limits, PolicyEngine};
 use crate::{
-    Completion, PolicyPre, PolicyState, PolicyWorld, RequestView, SETUP_BUDGET_FACTOR, Stage,
-    WorkerInfo, types,
+    Completion, PolicyPre, PolicyState, PolicyWorld, RequestView, Stage, WorkerInfo, types,
 };
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -325,7 +324,7 @@ impl PolicyVersion {
         let mut store = Store::new(&self.engine.engine, state);
         store.limiter(|s| s as &mut dyn wasmtime::ResourceLimiter);
         store.epoch_deadline_trap();
-        store.set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
+        store.set_epoch_deadline(Limits::SETUP_TICKS);
         let world = self
             .pre
             .instantiate(&mut store)
@@ -359,8 +358,7 @@ impl PolicyVersion {
         if live.generation == generation {
             return Ok(());
         }
-        live.store
-            .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
+        live.store.set_epoch_deadline(Limits::SETUP_TICKS);
         match &live.world {
             Exports::V1(w) => {
                 let list: Vec<types::Worker> = workers.iter().map(to_wit_worker).collect();
@@ -524,7 +522,7 @@ impl PolicyVersion {
                 data.candidate_ids.clear();
                 data.candidate_ids.extend(candidates.iter().map(|c| c.id));
             }
-            live.store.set_epoch_deadline(self.limits.call_ms);
+            live.store.set_epoch_deadline(Limits::CALL_TICKS);
             let r = match &live.world {
                 Exports::V1(w) => w.vllm_router_policy_balancer().call_select(
                     &mut live.store,
@@ -567,7 +565,7 @@ impl PolicyVersion {
             return Ok(());
         }
         self.with_live(|live| {
-            live.store.set_epoch_deadline(self.limits.call_ms);
+            live.store.set_epoch_deadline(Limits::CALL_TICKS);
             match &live.world {
                 Exports::V1(w) => w
                     .vllm_router_policy_balancer()
@@ -607,8 +605,7 @@ impl PolicyVersion {
     /// The policy's exported state (empty when it has none or fails).
     pub fn export_state(&self) -> Vec<u8> {
         self.with_live(|live| {
-            live.store
-                .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
+            live.store.set_epoch_deadline(Limits::SETUP_TICKS);
             match &live.world {
                 Exports::V1(w) => w
                     .vllm_router_policy_balancer()
@@ -625,8 +622,7 @@ impl PolicyVersion {
     /// 0.2, exports no `state-transfer`).
     pub fn import_state(&self, state: &[u8]) -> Result<bool, PolicyFault> {
         self.with_live(|live| {
-            live.store
-                .set_epoch_deadline(self.limits.call_ms * SETUP_BUDGET_FACTOR);
+            live.store.set_epoch_deadline(Limits::SETUP_TICKS);
             let r = match &live.world {
                 Exports::V1(w) => w
                     .vllm_router_policy_balancer()

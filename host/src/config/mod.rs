@@ -335,7 +335,8 @@ pub struct Args {
     pub cors_allowed_origins: Vec<String>,
 
     /// Per-call time limit of a policy, in milliseconds. A call that runs longer is
-    /// interrupted and the request is routed by the fallback (least in-flight).
+    /// interrupted (between one and two limits after it started, never before one) and
+    /// the request is routed by the fallback (least in-flight).
     #[arg(long, default_value_t = 5)]
     pub policy_timeout_ms: u64,
 

@@ -102,6 +102,9 @@ pub struct App {
     pub watches: Vec<crate::watch::FileWatch>,
     /// The client-facing routes (OpenAI API, health, fleet metrics, admin).
     pub router: axum::Router,
+    /// What the client listener serves: `router`, with the generation routes taken
+    /// straight to the forwarding core ([`crate::server::ClientService`]).
+    pub service: crate::server::ClientService,
     /// The router's own metrics (served on `--prometheus-port` by [`run`]).
     pub metrics: Arc<Metrics>,
     /// The worker registry.
@@ -446,6 +449,7 @@ impl App {
             ));
         }
         let slots = state.fwd.slots.clone();
+        let router = app(state.clone()).merge(admin::routes(admin));
         Ok(App {
             listener: crate::listener::ListenerConfig {
                 max_connections: args.max_client_connections,
@@ -454,7 +458,8 @@ impl App {
                 tls,
             },
             watches,
-            router: app(state).merge(admin::routes(admin)),
+            service: crate::server::ClientService::new(router.clone(), state),
+            router,
             metrics,
             registry,
             slots,
@@ -480,7 +485,7 @@ pub async fn run_until(
     before_forced_exit: Box<dyn FnOnce() + Send>,
 ) -> anyhow::Result<()> {
     let App {
-        router,
+        service,
         metrics,
         registry,
         args,
@@ -527,7 +532,7 @@ pub async fn run_until(
         t0.elapsed()
     );
     let grace = Duration::from_secs(args.shutdown_grace_period_secs);
-    crate::listener::serve(listener, router, listener_cfg, metrics, async move {
+    crate::listener::serve(listener, service, listener_cfg, metrics, async move {
         shutdown.await;
         // In-flight requests and streams get the grace period, then we exit anyway.
         tokio::spawn(async move {

@@ -263,11 +263,11 @@ struct Live {
     all_closed: tokio::sync::Notify,
 }
 
-/// Serve `router` on `listener` until `shutdown` completes, then finish gracefully:
+/// Serve `service` on `listener` until `shutdown` completes, then finish gracefully:
 /// returns once every connection has closed (bound it with the grace period).
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    router: axum::Router,
+    service: crate::server::ClientService,
     cfg: ListenerConfig,
     metrics: Arc<Metrics>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -278,7 +278,6 @@ pub async fn serve(
         count: std::sync::atomic::AtomicUsize::new(0),
         all_closed: tokio::sync::Notify::new(),
     });
-    let service = hyper_util::service::TowerToHyperService::new(router);
     let mut at_cap_logged = false;
     tokio::pin!(shutdown);
     loop {
@@ -365,7 +364,7 @@ pub async fn serve(
 /// it ended normally).
 async fn serve_conn<S>(
     io: S,
-    service: hyper_util::service::TowerToHyperService<axum::Router>,
+    service: crate::server::ClientService,
     cfg: &ListenerConfig,
     stop: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Option<&'static str>
@@ -382,9 +381,9 @@ where
         let st = st.clone();
         hyper::service::service_fn(move |req: http::Request<Incoming>| {
             let busy = Busy::start(&st);
-            let fut = hyper::service::Service::call(&service, req);
+            let fut = service.call(req);
             async move {
-                let resp = fut.await?;
+                let resp = fut.await;
                 Ok::<_, std::convert::Infallible>(
                     resp.map(|inner| TrackedBody { inner, _busy: busy }),
                 )

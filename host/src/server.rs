@@ -165,17 +165,27 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// answers them before this).
 async fn authenticate(
     State(st): State<Arc<AppState>>,
-    mut req: Request,
+    req: Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let (mut parts, body) = req.into_parts();
+    match check_client_key(&st, &mut parts) {
+        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+        Err(refusal) => refusal,
+    }
+}
+
+/// The client-key check of [`authenticate`], also run by [`ClientService`]'s direct
+/// path: `Err` is the 401 to send.
+fn check_client_key(st: &AppState, parts: &mut http::request::Parts) -> Result<(), Response> {
     let Some(keys) = &st.client_keys else {
-        return next.run(req).await;
+        return Ok(());
     };
-    match keys.authenticate(req.headers()) {
+    match keys.authenticate(&parts.headers) {
         Ok(key) => {
-            req.headers_mut().remove(header::AUTHORIZATION);
-            req.extensions_mut().insert(key);
-            next.run(req).await
+            parts.headers.remove(header::AUTHORIZATION);
+            parts.extensions.insert(key);
+            Ok(())
         }
         Err(e) => {
             let (reason, msg) = match e {
@@ -201,7 +211,7 @@ async fn authenticate(
                 header::WWW_AUTHENTICATE,
                 http::HeaderValue::from_static("Bearer"),
             );
-            r
+            Err(r)
         }
     }
 }
@@ -306,11 +316,68 @@ async fn list_workers(State(st): State<Arc<AppState>>) -> Response {
 /// `/v1/models`: forwarded to the least-loaded healthy worker (not the first registered
 /// one, which may be down).
 async fn models(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    handle(st, req, false).await
+    let (parts, body) = req.into_parts();
+    handle(st, parts, body, false).await
 }
 
 async fn proxy_any(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    handle(st, req, true).await
+    let (parts, body) = req.into_parts();
+    handle(st, parts, body, true).await
+}
+
+/// The service the client listener runs for every request. The generation routes
+/// (`POST /v1/…` other than `/v1/models`) go straight to [`handle`]; everything else
+/// (health and info routes, the admin API, 404 and 405 answers) through axum's router.
+/// With `--cors-allowed-origins` every request takes the router (its CORS layer).
+///
+/// Why: on the hot route axum's router decides nothing (its fallback is the same
+/// `handle`) but costs a path match, a boxed request body, a boxed handler future and
+/// the extractors, per request. Measured in issue 16's pinned bench: see
+/// docs/performance.md.
+#[derive(Clone)]
+pub struct ClientService {
+    router: hyper_util::service::TowerToHyperService<Router>,
+    direct: Option<Arc<AppState>>,
+}
+
+impl ClientService {
+    /// `router`: the full application (client routes, admin API); `st`: its state.
+    pub fn new(router: Router, st: Arc<AppState>) -> Self {
+        ClientService {
+            router: hyper_util::service::TowerToHyperService::new(router),
+            direct: st.cors_allowed_origins.is_empty().then_some(st),
+        }
+    }
+
+    /// Answer one request (never fails: router errors are OpenAI-style JSON).
+    pub fn call(
+        &self,
+        req: http::Request<hyper::body::Incoming>,
+    ) -> impl std::future::Future<Output = Response> + Send + use<> {
+        use futures_util::future::{Either, FutureExt};
+        let direct = self
+            .direct
+            .as_ref()
+            .filter(|_| {
+                req.method() == Method::POST
+                    && req.uri().path().starts_with("/v1/")
+                    && req.uri().path() != "/v1/models"
+            })
+            .cloned();
+        match direct {
+            Some(st) => Either::Left(async move {
+                let (mut parts, body) = req.into_parts();
+                if let Err(refusal) = check_client_key(&st, &mut parts) {
+                    return refusal;
+                }
+                handle(st, parts, body, true).await
+            }),
+            None => Either::Right(
+                hyper::service::Service::call(&self.router, req)
+                    .map(|r| r.unwrap_or_else(|never| match never {})),
+            ),
+        }
+    }
 }
 
 fn request_id(st: &AppState, headers: &HeaderMap, path: &str) -> (String, bool) {
@@ -351,9 +418,17 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
 
 /// Validate a request, admit it, and hand it to the PD flow or the forwarding core.
 /// `policy`: whether the policy slots decide (`false`: least in-flight, info routes).
-async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
+async fn handle<B>(
+    st: Arc<AppState>,
+    parts: http::request::Parts,
+    body: B,
+    policy: bool,
+) -> Response
+where
+    B: http_body::Body<Data = bytes::Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let route = route_label(&path);
     let path_and_query = parts
@@ -436,12 +511,11 @@ async fn handle(st: Arc<AppState>, req: Request, policy: bool) -> Response {
     if declared.is_some_and(|n| n > st.max_payload) {
         return fail(too_large());
     }
-    let bytes = match axum::body::to_bytes(body, st.max_payload).await {
-        Ok(b) => b,
+    let read = http_body_util::BodyExt::collect(http_body_util::Limited::new(body, st.max_payload));
+    let bytes = match read.await {
+        Ok(b) => b.to_bytes(),
         Err(e) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
+            let over = e.is::<http_body_util::LengthLimitError>();
             return fail(if over {
                 too_large()
             } else {

@@ -210,10 +210,16 @@ impl Forwarder {
             {
                 Err(_) => Err(AttemptError::Timeout),
                 Ok(Err((SendError::Connect(m), _))) => Err(AttemptError::Connect(m)),
-                Ok(Err((SendError::Closed, _))) => Err(AttemptError::Closed(
+                // On a kept-alive connection, an end before any response is the worker
+                // having closed it first; on a fresh one it is the worker failing.
+                Ok(Err((SendError::Closed, true))) => Err(AttemptError::Closed(
                     "connection ended before a response".into(),
                 )),
-                Ok(Err((SendError::Http(e), _))) => Err(classify(format!("{e:?}"))),
+                Ok(Err((SendError::Closed, false))) => Err(AttemptError::Other(
+                    "the worker closed a new connection without a response".into(),
+                )),
+                Ok(Err((SendError::Http(e), true))) => Err(classify(format!("{e:?}"))),
+                Ok(Err((SendError::Http(e), false))) => Err(AttemptError::Other(format!("{e:?}"))),
                 Ok(Ok(resp)) => Ok(resp),
             };
         }

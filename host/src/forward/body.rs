@@ -48,9 +48,7 @@ pub fn respond(
         }
     }
     set_request_id(headers, &request_id);
-    let deadline = Box::pin(tokio::time::sleep_until(
-        (started + fwd.request_timeout).into(),
-    ));
+    let deadline = started + fwd.request_timeout;
     let tracked = TrackedBody {
         inner: body,
         done: Some(Done {
@@ -65,6 +63,7 @@ pub fn respond(
             sse,
         }),
         deadline,
+        timer: None,
     };
     out.body(Body::new(tracked)).expect("valid response")
 }
@@ -124,7 +123,11 @@ impl Done {
 struct TrackedBody {
     inner: UpstreamBody,
     done: Option<Done>,
-    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// The whole-exchange deadline (`--request-timeout-secs` after the request came).
+    deadline: Instant,
+    /// Its timer, made the first time the worker's body makes us wait: a response whose
+    /// body came with its head (most non-streaming ones) never touches the timer wheel.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl TrackedBody {
@@ -168,16 +171,27 @@ impl HttpBody for TrackedBody {
         if self.done.is_none() {
             return Poll::Ready(None);
         }
-        if self.deadline.as_mut().poll(cx).is_ready() {
-            return self.fail("request timeout reached while streaming");
-        }
         match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let deadline = self.deadline;
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+                if timer.as_mut().poll(cx).is_ready() {
+                    return self.fail("request timeout reached while streaming");
+                }
+                Poll::Pending
+            }
             Poll::Ready(None) => {
                 self.end();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => {
+                // A worker that never makes us wait (frames always ready) still meets
+                // the deadline (tokio's clock, as the timer's: paused in tests).
+                if tokio::time::Instant::now() >= self.deadline.into() {
+                    return self.fail("request timeout reached while streaming");
+                }
                 if let Some(d) = self.done.as_mut() {
                     if d.first_byte.is_none() {
                         if let Some(a) = &d.attempt {

@@ -439,6 +439,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_fresh_connection_closed_without_an_answer_is_not_reported_as_reused() {
+        // The worker reads the request and hangs up: on a new connection that is the
+        // worker failing (not a stale keep-alive connection), so `reused` is false.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await;
+        });
+        match send(&worker(addr), get(addr)).await {
+            Err((SendError::Http(_) | SendError::Closed, reused)) => assert!(!reused),
+            Err((SendError::Connect(m), _)) => panic!("connected, yet a connect error: {m}"),
+            Ok(r) => panic!("no answer was sent, yet got {}", r.status()),
+        }
+    }
+
+    #[tokio::test]
     async fn a_connection_the_worker_closed_while_idle_is_not_reused() {
         // One response, then the worker closes the connection.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

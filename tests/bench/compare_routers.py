@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Router overhead, side by side in one run: direct to a simulated worker (the physical
 limit), the physical anchors nginx and haproxy (Debian packages, plain keep-alive
-reverse proxies, one worker process / thread, round robin), vllm-router (ours:
+reverse proxies, one worker process / thread, round robin), `floor` (floor-proxy, a
+hyper + Tokio reverse proxy with nothing else: what our stack costs before the router
+does anything; tests/src/bin/floor-proxy.rs), vllm-router (ours:
 round_robin, cache_aware) and the peers installed from PyPI (vllm-project/router as
 `vllm-router`, SGLang's `sglang-router`), same two simulated workers, same policies.
 
@@ -199,6 +201,8 @@ def router_cmd(system, policy, port, workers):
     if system in ("nginx", "haproxy"):
         return proxy_cmd(system, port, workers)
     urls = [f"http://127.0.0.1:{w}" for w in workers]
+    if system == "floor":
+        return [str(ROOT / "target/release/floor-proxy"), str(port), *urls]
     if system in ("ours", "baseline"):
         binary = str(ROOT / "target/release/vllm-router") if system == "ours" else BASELINE
         return [binary, "--port", str(port), "--policy", policy,
@@ -321,13 +325,13 @@ def main():
         # Continue inside the venv (matplotlib for the chart).
         os.execv(str(VENV / "bin" / "python"), [str(VENV / "bin" / "python"), __file__] + sys.argv[1:])
     systems = [("direct", "-"), ("nginx", "round_robin"), ("haproxy", "round_robin"),
-               ("ours", "round_robin"), ("ours", "cache_aware"),
+               ("floor", "round_robin"), ("ours", "round_robin"), ("ours", "cache_aware"),
                ("vllm-project/router", "round_robin"), ("vllm-project/router", "cache_aware"),
                ("sglang-router", "round_robin"), ("sglang-router", "cache_aware")]
     if args.no_peers:
-        systems = systems[:5]
+        systems = systems[:6]
     if args.baseline:
-        systems[5:5] = [("baseline", "round_robin"), ("baseline", "cache_aware")]
+        systems[6:6] = [("baseline", "round_robin"), ("baseline", "cache_aware")]
     sims = [start_sim("w0", 1), start_sim("w1", 1)]
     workers = [port for _, port in sims]
     results = {f"{s}|{p}": [] for s, p in systems}
@@ -415,7 +419,7 @@ def plot(rows, direct):
     ok = [r for r in rows if r["ok"]]
     labels = [f"{r['system']}\n{r['policy']}" for r in ok]
     colors = ["#888" if r["system"] == "direct" else "#2a7" if r["system"] == "ours"
-              else "#7a9" if r["system"] == "baseline" else "#46a" if r["system"] in ("nginx", "haproxy")
+              else "#7a9" if r["system"] == "baseline" else "#46a" if r["system"] in ("nginx", "haproxy", "floor")
               else "#c64" for r in ok]
     fig, ax = plt.subplots(1, 3, figsize=(18, 5.5))
     ax[0].bar(labels, [r["c64_rps"] for r in ok], color=colors)

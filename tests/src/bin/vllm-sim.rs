@@ -571,60 +571,87 @@ async fn generate(State(s): St, uri: axum::http::Uri, headers: HeaderMap, raw: B
         return r;
     }
 
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    let sim = s.clone();
-    tokio::spawn(async move {
-        let send = |v: Value| {
-            let tx = tx.clone();
-            async move {
-                tx.send(Ok(Bytes::from(format!("data: {v}\n\n"))))
-                    .await
-                    .is_ok()
-            }
-        };
-        if !ttft.is_zero() {
-            tokio::time::sleep(ttft).await;
-        }
-        let mut ok = true;
-        if chat {
-            ok &= send(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": worker,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})).await;
-        }
-        for i in 0..max_tokens {
-            if !ok {
-                break;
-            }
-            if i > 0 && k.token_delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(k.token_delay_ms)).await;
-            }
-            let last = i + 1 == max_tokens;
-            let fin = if last { json!("length") } else { Value::Null };
-            let v = if chat {
+    // The stream's events, in order: the role chunk (chat), one chunk per token, the
+    // usage chunk (when asked), `[DONE]`.
+    let role_chunk = chat.then(|| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": worker,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})
+    });
+    let token_chunk = {
+        let (id, model, worker) = (id.clone(), model.clone(), worker.clone());
+        move |i: u32| {
+            let fin = if i + 1 == max_tokens {
+                json!("length")
+            } else {
+                Value::Null
+            };
+            if chat {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": worker,
                     "choices": [{"index": 0, "delta": {"content": out_token(i)}, "logprobs": null, "finish_reason": fin}]})
             } else {
                 json!({"id": id, "object": "text_completion", "created": created, "model": model, "system_fingerprint": worker,
                     "choices": [{"index": 0, "text": out_token(i), "logprobs": null, "finish_reason": fin, "stop_reason": null}]})
-            };
-            ok &= send(v).await;
+            }
         }
-        if ok && include_usage {
-            let obj = if chat {
-                "chat.completion.chunk"
-            } else {
-                "text_completion"
-            };
-            ok &= send(json!({"id": id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})).await;
-        }
-        if ok {
-            let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
-        }
-        sim.running.fetch_sub(1, Ordering::Relaxed);
-        sim.served.fetch_add(1, Ordering::Relaxed);
+    };
+    let usage_chunk = include_usage.then(|| {
+        let obj = if chat { "chat.completion.chunk" } else { "text_completion" };
+        json!({"id": id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage})
     });
-    let stream =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) });
-    let mut r = Response::new(Body::from_stream(stream));
+    let event = |v: Value| Bytes::from(format!("data: {v}\n\n"));
+    const DONE: &[u8] = b"data: [DONE]\n\n";
+    let body = if ttft.is_zero() && k.token_delay_ms == 0 {
+        // Nothing to wait for: every event is rendered now and the body yields them as
+        // separate chunks with no task, channel or wake-up per event, so that a router
+        // benchmark measures the router's per-chunk cost rather than the simulator's.
+        let mut events = Vec::with_capacity(max_tokens as usize + 3);
+        events.extend(role_chunk.map(event));
+        events.extend((0..max_tokens).map(|i| event(token_chunk(i))));
+        events.extend(usage_chunk.map(event));
+        events.push(Bytes::from_static(DONE));
+        s.running.fetch_sub(1, Ordering::Relaxed);
+        s.served.fetch_add(1, Ordering::Relaxed);
+        Body::from_stream(futures_util::stream::iter(
+            events.into_iter().map(Ok::<_, std::io::Error>),
+        ))
+    } else {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+        let sim = s.clone();
+        tokio::spawn(async move {
+            let send = |v: Value| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(event(v))).await.is_ok() }
+            };
+            if !ttft.is_zero() {
+                tokio::time::sleep(ttft).await;
+            }
+            let mut ok = true;
+            if let Some(v) = role_chunk {
+                ok &= send(v).await;
+            }
+            for i in 0..max_tokens {
+                if !ok {
+                    break;
+                }
+                if i > 0 && k.token_delay_ms > 0 {
+                    tokio::time::sleep(Duration::from_millis(k.token_delay_ms)).await;
+                }
+                ok &= send(token_chunk(i)).await;
+            }
+            if let (true, Some(v)) = (ok, usage_chunk) {
+                ok &= send(v).await;
+            }
+            if ok {
+                let _ = tx.send(Ok(Bytes::from_static(DONE))).await;
+            }
+            sim.running.fetch_sub(1, Ordering::Relaxed);
+            sim.served.fetch_add(1, Ordering::Relaxed);
+        });
+        Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|x| (x, rx))
+        }))
+    };
+    let mut r = Response::new(body);
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         "text/event-stream; charset=utf-8".parse().unwrap(),
@@ -943,6 +970,13 @@ async fn main() -> anyhow::Result<()> {
     println!("LISTENING {port}");
     use std::io::Write;
     std::io::stdout().flush()?;
+    // TCP_NODELAY, as vLLM's server (uvicorn) sets it: without it a stream's chunks
+    // wait for the client's delayed ACK (~40 ms per stream), and every router in the
+    // streaming benchmark measured the same ~1,450 streams/s, the simulator's stall.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app).await?;
     Ok(())
 }

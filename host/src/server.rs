@@ -365,13 +365,16 @@ impl ClientService {
             })
             .cloned();
         match direct {
-            Some(st) => Either::Left(async move {
+            // Boxed: hyper moves the service's future into its connection state, and
+            // this one holds the whole request path's state machine (kilobytes); one
+            // allocation costs less than those copies (tests/bench/instructions.sh).
+            Some(st) => Either::Left(Box::pin(async move {
                 let (mut parts, body) = req.into_parts();
                 if let Err(refusal) = check_client_key(&st, &mut parts) {
                     return refusal;
                 }
                 handle(st, parts, body, true).await
-            }),
+            })),
             None => Either::Right(
                 hyper::service::Service::call(&self.router, req)
                     .map(|r| r.unwrap_or_else(|never| match never {})),
@@ -395,7 +398,12 @@ fn request_id(st: &AppState, headers: &HeaderMap, path: &str) -> (String, bool) 
         "/v1/responses" => "resp-",
         _ => "req-",
     };
-    (format!("{prefix}{}", uuid::Uuid::new_v4().simple()), false)
+    let mut hex = [0u8; uuid::fmt::Simple::LENGTH];
+    let hex = uuid::Uuid::new_v4().simple().encode_lower(&mut hex);
+    let mut id = String::with_capacity(prefix.len() + hex.len());
+    id.push_str(prefix);
+    id.push_str(hex);
+    (id, false)
 }
 
 fn is_json_content_type(headers: &HeaderMap) -> bool {
@@ -405,13 +413,11 @@ fn is_json_content_type(headers: &HeaderMap) -> bool {
     {
         None => true,
         Some(ct) => {
-            let mime = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            mime == "application/json" || mime.ends_with("+json") || mime.is_empty()
+            // Compared without case and without a lowercased copy (hot path).
+            let mime = ct.split(';').next().unwrap_or("").trim().as_bytes();
+            mime.is_empty()
+                || mime.eq_ignore_ascii_case(b"application/json")
+                || (mime.len() >= 5 && mime[mime.len() - 5..].eq_ignore_ascii_case(b"+json"))
         }
     }
 }
@@ -546,7 +552,7 @@ where
         match RequestInfo::from_json(
             parts.method.clone(),
             path_and_query,
-            path.clone(),
+            path,
             parts.headers,
             bytes,
         ) {
@@ -568,7 +574,7 @@ where
         RequestInfo::raw(
             parts.method.clone(),
             path_and_query,
-            path.clone(),
+            path,
             parts.headers,
             bytes,
         )
@@ -665,6 +671,25 @@ async fn fleet_metrics(State(st): State<Arc<AppState>>) -> Response {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn json_content_types_are_recognised_without_case() {
+        let ct = |v: Option<&str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(header::CONTENT_TYPE, v.parse().unwrap());
+            }
+            is_json_content_type(&h)
+        };
+        assert!(ct(None), "no Content-Type: JSON assumed (curl -d sends none)");
+        assert!(ct(Some("application/json")));
+        assert!(ct(Some("Application/JSON; charset=utf-8")));
+        assert!(ct(Some("application/vnd.api+JSON")));
+        assert!(ct(Some(" ; charset=utf-8")), "an empty media type is not refused");
+        assert!(!ct(Some("text/plain")));
+        assert!(!ct(Some("application/x-www-form-urlencoded")));
+        assert!(!ct(Some("json")));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn admission_admits_queues_rejects_and_times_out() {

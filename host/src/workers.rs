@@ -21,6 +21,8 @@ pub struct Worker {
     pub authority: http::uri::Authority,
     /// `http` or `https` (TLS, see [`crate::tls`]), from `url`.
     pub scheme: http::uri::Scheme,
+    /// `authority` as the `Host` field of upstream requests (made once, not per request).
+    pub host_header: http::HeaderValue,
     /// Role in a PD deployment.
     pub role: Role,
     /// Data-parallel rank, sent upstream as `X-data-parallel-rank`.
@@ -78,6 +80,8 @@ impl Worker {
             Some("http") | None => http::uri::Scheme::HTTP,
             Some(other) => return Err(format!("worker URL {url}: unsupported scheme {other}")),
         };
+        let host_header = http::HeaderValue::from_str(authority.as_str())
+            .map_err(|e| format!("worker URL {url}: host is not a valid Host field: {e}"))?;
         let name = match dp_rank {
             Some(r) => format!("{url}@{r}"),
             None => url.clone(),
@@ -87,6 +91,7 @@ impl Worker {
             url,
             authority,
             scheme,
+            host_header,
             role,
             dp_rank,
             labels: Vec::new(),

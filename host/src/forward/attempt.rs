@@ -139,6 +139,20 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
         || name.as_str() == "proxy-connection"
 }
 
+/// Remove the fields of [`is_hop_by_hop`] from `headers` in place, except
+/// `Content-Length` when `keep_length` (a response passed through keeps its length).
+/// One scan when there are none, the usual case.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_length: bool) {
+    let strip = |k: &HeaderName| is_hop_by_hop(k) && !(keep_length && *k == header::CONTENT_LENGTH);
+    if !headers.keys().any(strip) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| strip(k)).cloned().collect();
+    for name in names {
+        headers.remove(&name);
+    }
+}
+
 impl Forwarder {
     /// Send `body` with `req`'s method, path and client headers (minus hop-by-hop) to
     /// `worker`, with `x-request-id: request_id` and the worker's DP rank header. The
@@ -170,9 +184,7 @@ impl Forwarder {
             }
         }
         if plain {
-            if let Ok(v) = HeaderValue::from_str(worker.authority.as_str()) {
-                headers.insert(header::HOST, v);
-            }
+            headers.insert(header::HOST, worker.host_header.clone());
         }
         if let Ok(v) = HeaderValue::from_str(request_id) {
             headers.insert(HeaderName::from_static("x-request-id"), v);

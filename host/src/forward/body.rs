@@ -3,7 +3,7 @@
 //! settles the request (breaker, feedback, in-flight, admission, metrics) exactly once:
 //! when the worker's body ends, when it fails, or when the client goes away.
 
-use super::attempt::{Outcome, is_hop_by_hop};
+use super::attempt::{Outcome, strip_hop_by_hop};
 use super::upstream::UpstreamBody;
 use super::{Admitted, Forwarder, Sent, set_request_id};
 use crate::metrics::route_label;
@@ -34,20 +34,17 @@ pub fn respond(
         attempt,
         request_id,
     } = sent;
-    let (parts, body) = resp.into_parts();
+    // The worker's head is edited in place (hop-by-hop fields out, our request id in):
+    // no second header map per response.
+    let (mut parts, body) = resp.into_parts();
     let sse = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let mut out = Response::builder().status(parts.status);
-    let headers = out.headers_mut().expect("fresh builder");
-    for (k, v) in parts.headers.iter() {
-        if !is_hop_by_hop(k) || *k == header::CONTENT_LENGTH {
-            headers.append(k.clone(), v.clone());
-        }
-    }
-    set_request_id(headers, &request_id);
+    strip_hop_by_hop(&mut parts.headers, true);
+    set_request_id(&mut parts.headers, &request_id);
+    parts.extensions = http::Extensions::new();
     let deadline = started + fwd.request_timeout;
     let tracked = TrackedBody {
         inner: body,
@@ -65,7 +62,7 @@ pub fn respond(
         deadline,
         timer: None,
     };
-    out.body(Body::new(tracked)).expect("valid response")
+    Response::from_parts(parts, Body::new(tracked))
 }
 
 /// Bookkeeping finished when the response body ends (or the client goes away).

@@ -5,7 +5,6 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt::Write;
 use std::ops::Range;
 
@@ -16,14 +15,45 @@ pub struct FieldIndex {
     fields: Vec<(String, Range<usize>)>,
 }
 
+/// A member name, borrowed from the body unless it has escapes.
+#[derive(Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// The members of a JSON object in document order, values unparsed. A list, not a hash
+/// map: a request body has a handful of top-level fields, and hashing each name cost
+/// more than the scan (callgrind, `tests/bench/instructions.sh`). Lookups scan from the
+/// end, so a repeated name's last value wins, as with `serde_json::Value`.
+struct Members<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+impl<'de> Deserialize<'de> for Members<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Members<'de>, A::Error> {
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(8).min(64));
+                while let Some(entry) = m.next_entry::<Key<'de>, &'de RawValue>()? {
+                    v.push(entry);
+                }
+                Ok(Members(v))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 fn object_ranges(body: &[u8], base: usize) -> Option<Vec<(String, Range<usize>)>> {
-    let map: HashMap<Cow<'_, str>, &RawValue> = serde_json::from_slice(body).ok()?;
+    let Members(members) = serde_json::from_slice(body).ok()?;
     let start = body.as_ptr() as usize;
     Some(
-        map.into_iter()
+        members
+            .into_iter()
             .map(|(k, v)| {
                 let off = v.get().as_ptr() as usize - start;
-                (k.into_owned(), base + off..base + off + v.get().len())
+                (k.0.into_owned(), base + off..base + off + v.get().len())
             })
             .collect(),
     )
@@ -41,6 +71,7 @@ impl FieldIndex {
     pub fn range(&self, name: &str) -> Option<Range<usize>> {
         self.fields
             .iter()
+            .rev()
             .find(|(k, _)| k == name)
             .map(|(_, r)| r.clone())
     }
@@ -52,7 +83,7 @@ impl FieldIndex {
         let mut range = self.range(parts.next()?)?;
         for part in parts {
             let sub = object_ranges(&body[range.clone()], range.start)?;
-            range = sub.into_iter().find(|(k, _)| k == part)?.1;
+            range = sub.into_iter().rev().find(|(k, _)| k == part)?.1;
         }
         scalar_text(&body[range])
     }
@@ -75,7 +106,7 @@ impl FieldIndex {
             range = match raw.first()? {
                 b'{' => {
                     let sub = object_ranges(raw, range.start)?;
-                    sub.into_iter().find(|(k, _)| *k == token)?.1
+                    sub.into_iter().rev().find(|(k, _)| *k == token)?.1
                 }
                 b'[' => {
                     if token.is_empty()
@@ -227,6 +258,17 @@ pub fn routing_text(body: &[u8], index: &FieldIndex) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_field_reads_its_last_value_and_escaped_names_match() {
+        let body = br#"{"user":"a","metadata":{"k":1,"k":2},"user":"b","e\u0073c":"x"}"#;
+        let idx = FieldIndex::new(body);
+        assert_eq!(idx.get(body, "user").as_deref(), Some("b"));
+        assert_eq!(idx.get(body, "metadata.k").as_deref(), Some("2"));
+        assert_eq!(idx.pointer(body, "/metadata/k").as_deref(), Some("2"));
+        assert_eq!(idx.get(body, "esc").as_deref(), Some("x"));
+        assert!(FieldIndex::new(b"[1,2]").range("0").is_none(), "not an object: empty index");
+    }
 
     #[test]
     fn json_pointer_reaches_arrays_and_escaped_keys() {

@@ -37,7 +37,12 @@ def load(path):
             total = n
             continue
         fn = name.split(":", 1)[1] if ":" in name else name
-        per[re.sub(r" \[.*\]$", "", fn)] += n
+        fn = re.sub(r" \[.*\]$", "", fn)
+        # Code without symbols at run-time addresses: the policy's JIT-compiled guest
+        # code (wasmtime), at different addresses in every run.
+        if re.fullmatch(r"0x[0-9a-f]+", fn):
+            fn = "(JIT-compiled code: the policy guest)"
+        per[fn] += n
     requests = 0
     for line in annotate(path, "--tree=calling").splitlines():
         if "=>" in line and ENCODE in line:

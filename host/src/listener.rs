@@ -521,7 +521,11 @@ mod tests {
         for _ in 0..10 {
             assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
         }
-        assert_eq!(polls.load(Ordering::Relaxed), 1, "polled only on its first poll");
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            1,
+            "polled only on its first poll"
+        );
         // Its own timer fires: the next poll reaches it and it completes.
         tokio::time::advance(Duration::from_secs(5)).await;
         tokio::task::yield_now().await;

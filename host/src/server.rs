@@ -681,11 +681,17 @@ mod tests {
             }
             is_json_content_type(&h)
         };
-        assert!(ct(None), "no Content-Type: JSON assumed (curl -d sends none)");
+        assert!(
+            ct(None),
+            "no Content-Type: JSON assumed (curl -d sends none)"
+        );
         assert!(ct(Some("application/json")));
         assert!(ct(Some("Application/JSON; charset=utf-8")));
         assert!(ct(Some("application/vnd.api+JSON")));
-        assert!(ct(Some(" ; charset=utf-8")), "an empty media type is not refused");
+        assert!(
+            ct(Some(" ; charset=utf-8")),
+            "an empty media type is not refused"
+        );
         assert!(!ct(Some("text/plain")));
         assert!(!ct(Some("application/x-www-form-urlencoded")));
         assert!(!ct(Some("json")));

@@ -33,7 +33,10 @@ impl<'de> Deserialize<'de> for Members<'de> {
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Members<'de>, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Members<'de>, A::Error> {
                 let mut v = Vec::with_capacity(m.size_hint().unwrap_or(8).min(64));
                 while let Some(entry) = m.next_entry::<Key<'de>, &'de RawValue>()? {
                     v.push(entry);
@@ -267,7 +270,10 @@ mod tests {
         assert_eq!(idx.get(body, "metadata.k").as_deref(), Some("2"));
         assert_eq!(idx.pointer(body, "/metadata/k").as_deref(), Some("2"));
         assert_eq!(idx.get(body, "esc").as_deref(), Some("x"));
-        assert!(FieldIndex::new(b"[1,2]").range("0").is_none(), "not an object: empty index");
+        assert!(
+            FieldIndex::new(b"[1,2]").range("0").is_none(),
+            "not an object: empty index"
+        );
     }
 
     #[test]
